@@ -38,7 +38,7 @@ def is_quiet() -> bool:
 
 def progress(iterable: Iterable | None = None, **kwargs: Any) -> tqdm:
     """A tqdm bar that is off under ``--quiet`` and when stderr is not a terminal."""
-    disable = is_quiet() or not sys.stderr.isatty()
+    disable = kwargs.pop("disable", False) or is_quiet() or not sys.stderr.isatty()
     kwargs.setdefault("dynamic_ncols", True)
     return tqdm(iterable, disable=disable, **kwargs)
 

@@ -16,6 +16,7 @@ os.environ.setdefault("FAMEX_QUIET", "1")
 import transformers  # noqa: E402
 
 transformers.logging.set_verbosity_error()
+transformers.utils.logging.disable_progress_bar()
 
 SENTENCES = [
     "The quick brown fox jumps over the lazy dog.",

@@ -23,7 +23,7 @@ from famex.models.presets import PRESETS, Preset, get_preset, preset_config
 
 __all__ = [
     "PRESETS", "Preset", "get_preset", "preset_config", "build_student", "load_teacher", "load_model",
-    "load_tokenizer", "model_info", "default_teacher_path", "resolve_model_spec", "ModelSpec",
+    "load_tokenizer", "model_info", "default_teacher_path", "resolve_model_spec", "ModelSpec", "save_model",
 ]
 
 DEFAULT_TEACHER_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -239,3 +239,33 @@ def model_info(config_or_spec: Any, vocab_size: int | None = None) -> dict[str, 
         "bytes_bf16": total * 2,
         "bytes_fp32": total * 4,
     }
+
+
+def save_model(model, out: str | os.PathLike, tokenizer=None, dtype: Any = None) -> None:
+    """Write ``model`` (and ``tokenizer``: an object or a directory to copy) as a plain HF model directory.
+
+    Files are written to a temporary directory first and moved into ``out`` only when all of them
+    exist, so ``out`` never holds half a model. Other files already in ``out`` (meta.json, logs,
+    checkpoints/) are left alone.
+    """
+    import shutil
+    import tempfile
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".model.", suffix=".tmp", dir=out))
+    try:
+        if dtype is not None and dtype != next(model.parameters()).dtype:
+            model = model.to(dtype)
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            if isinstance(tokenizer, (str, os.PathLike)):
+                for f in Path(tokenizer).iterdir():
+                    if f.is_file():
+                        shutil.copy2(f, tmp / f.name)
+            else:
+                tokenizer.save_pretrained(tmp)
+        for f in sorted(tmp.iterdir()):
+            os.replace(f, out / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
