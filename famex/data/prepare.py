@@ -342,3 +342,8 @@ def _prepare(cfg: DataConfig, stage: Stage, docs: Iterator[str], spec, load_toke
     }
     stage.finish(metrics, splits=splits)
     log(f"famex data: {metrics['tokens']:,} tokens ({metrics['docs_train']:,} train / {metrics['docs_val']:,} val documents) in {out}")
+
+
+# The uniform stage interface `famex run` uses: a config class and a function that runs it.
+CONFIG = DataConfig
+run = prepare

@@ -266,3 +266,8 @@ def distill(cfg: DistillConfig) -> Path:
 def _has_split(chunks: PackedChunks, split: str) -> bool:
     s = chunks.data.meta["splits"].get(split)
     return bool(s and s["tokens"] > chunks.seq_len)
+
+
+# The uniform stage interface `famex run` uses: a config class and a function that runs it.
+CONFIG = DistillConfig
+run = distill

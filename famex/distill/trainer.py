@@ -121,6 +121,9 @@ class Task(Protocol):
     def validate(self, model: torch.nn.Module, rank: int, world: int, max_chunks: int) -> dict[str, float]:
         """Validation metrics (already reduced across ranks)."""
 
+    # Optional: ``count(batch) -> int``, the units the loss sums over (default: labelled tokens,
+    # i.e. ``labels != -100``); a pairwise loss such as DPO counts pairs instead.
+
 
 # ---------------------------------------------------------------- distributed
 
@@ -366,7 +369,8 @@ def train(
 
     for step in range(start, iters):
         batches = task.micro_batches(step, d.rank, d.world, cfg.micro_batch, accum)
-        local_count = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)
+        count_fn = getattr(task, "count", None)
+        local_count = sum(count_fn(b) if count_fn else int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)
         global_count = int(all_reduce_sum(torch.tensor(float(local_count), device=d.device), d).item())
         denom = max(global_count, 1)
         opt.zero_grad(set_to_none=True)

@@ -1,0 +1,263 @@
+"""`famex run RECIPE.toml`: one file declares a family; the stages run in dependency order.
+
+A recipe is a TOML file whose sections are the stages' own configs (the same keys as the
+stages' command-line options, with underscores), plus the names that tie them together:
+
+    [run]        name, out (default runs/<name>), minutes (the expected duration, printed at the start)
+    [teacher]    model = "default" | a GGUF file | a model directory
+    [data]       famex data options (demo = true builds the offline demo corpus)
+    [logits]     famex logits options; val = true also stores the teacher over the val split
+    [distill]    famex distill options shared by every student
+    [[student]]  name, preset (or model = DIR), objective = "kd" | "ce", and any famex distill option
+    [sft] [dpo]  students = [...], data = "demo" | [paths], and their stage options
+    [quantize]   models = [...], formats = [...], methods = [...], norm_fusion = [false, true],
+                 and [quantize.rtn] / [quantize.gptq] / [quantize.qad] option tables
+    [export]     formats = {format = "mlx" | "compressed-tensors"}, method = which variant to export
+    [eval]       famex eval options (tasks, shots, limit, ...)
+    [report]     famex report options
+
+Each stage writes ``<out>/<stage>-<variant>/``; a stage whose meta.json is complete with the same
+config and inputs is skipped, an interrupted one resumes (every stage implements both), and the
+run ends with the report. ``--dry-run`` prints the plan, the FLOPs of every stage and the size of
+the logit store without running anything.
+
+What this module does not do: any stage's work; it builds configs and calls the stages' ``run``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import importlib
+import importlib.util
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from famex.config import config_from_dict, load_toml
+from famex.errors import FamexError
+from famex.utils import log
+
+# The stage modules, in pipeline order: each exposes CONFIG (its config dataclass) and run(cfg).
+STAGE_MODULES: dict[str, str] = {
+    "data": "famex.data.prepare",
+    "logits": "famex.teacher.generate",
+    "distill": "famex.distill.train",
+    "sft": "famex.posttrain.sft",
+    "dpo": "famex.posttrain.dpo",
+    "quantize": "famex.quant.stage",
+    "export": "famex.export.stage",
+    "eval": "famex.eval.stage",
+    "report": "famex.report.stage",
+}
+SECTIONS = ("run", "teacher", "data", "logits", "distill", "student", "sft", "dpo", "quantize", "export", "eval", "report")
+
+
+@dataclass
+class Node:
+    """One stage run of the plan."""
+
+    name: str  # directory name under the run, e.g. "distill-s"
+    stage: str  # key of STAGE_MODULES
+    config: dict[str, Any]  # the stage config's fields (out included)
+    deps: list[str] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)  # for the plan and the cost table
+
+    def available(self) -> bool:
+        return stage_ready(self.stage)
+
+
+@dataclass
+class Recipe:
+    path: Path
+    raw: dict[str, Any]
+    name: str
+    out: Path
+    minutes: float | None
+    nodes: list[Node]
+
+
+def _module(stage: str):
+    return importlib.import_module(STAGE_MODULES[stage])
+
+
+def stage_ready(stage: str) -> bool:
+    """Whether this famex has the stage (its module exists and follows the CONFIG / run interface)."""
+    if importlib.util.find_spec(STAGE_MODULES[stage]) is None:
+        return False
+    module = _module(stage)
+    return hasattr(module, "CONFIG") and hasattr(module, "run")
+
+
+def _check(section: str, data: dict[str, Any], allowed: set[str], where: str) -> None:
+    for key in data:
+        if key not in allowed:
+            close = difflib.get_close_matches(key, sorted(allowed), n=1, cutoff=0.5)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(sorted(allowed))}"
+            raise FamexError(f"{where}: unknown key [{section}].{key}{hint}")
+
+
+def _validate_stage_config(stage: str, config: dict[str, Any], where: str) -> None:
+    """Build the stage's config dataclass now, so a bad key or value fails before any work."""
+    if not stage_ready(stage):
+        return
+    cls = _module(stage).CONFIG
+    config_from_dict(cls, config, where)
+
+
+def load_recipe(path: str | Path, out: str | None = None) -> Recipe:
+    """Parse and check a recipe; returns the plan. Every error names the field at fault."""
+    path = Path(path)
+    raw = load_toml(path)
+    where = str(path)
+    for section in raw:
+        if section not in SECTIONS:
+            close = difflib.get_close_matches(section, SECTIONS, n=1)
+            hint = f" (did you mean [{close[0]}]?)" if close else f"; sections: {', '.join(SECTIONS)}"
+            raise FamexError(f"{where}: unknown section [{section}]{hint}")
+    run = raw.get("run", {})
+    _check("run", run, {"name", "out", "minutes", "description"}, where)
+    name = run.get("name") or path.stem
+    root = Path(out or run.get("out") or f"runs/{name}")
+    teacher = raw.get("teacher")
+    if not teacher or "model" not in teacher:
+        raise FamexError(f"{where}: [teacher] model is missing — name the teacher (\"default\", a .gguf file or a model directory)")
+    _check("teacher", teacher, {"model"}, where)
+    nodes: list[Node] = []
+    by_name: dict[str, Node] = {}
+
+    def add(node: Node) -> Node:
+        if node.name in by_name:
+            raise FamexError(f"{where}: two stages would write {root / node.name}; give the students/variants distinct names")
+        nodes.append(node)
+        by_name[node.name] = node
+        _validate_stage_config(node.stage, node.config, f"{where} [{node.stage}] ({node.name})")
+        return node
+
+    # -- data
+    data_cfg = dict(raw.get("data", {}))
+    if "out" in data_cfg:
+        raise FamexError(f"{where}: [data] out is set by the run (it writes {root / 'data'}); remove it")
+    data = add(Node("data", "data", {**data_cfg, "out": str(root / "data")}))
+    data_dir = data.config["out"]
+
+    # -- logits (train, and val for validation KL)
+    logits_cfg = dict(raw.get("logits", {}))
+    want_val_store = bool(logits_cfg.pop("val", False))
+    store_nodes: dict[str, Node] = {}
+    for split in ["train"] + (["val"] if want_val_store else []):
+        store_nodes[split] = add(Node(f"logits-{split}", "logits", {
+            **logits_cfg, "teacher": teacher["model"], "data": data_dir, "split": split,
+            "out": str(root / f"logits-{split}"),
+        }, deps=["data"]))
+
+    # -- students
+    students = raw.get("student", [])
+    if isinstance(students, dict):
+        students = [students]
+    shared = dict(raw.get("distill", {}))
+    for key in ("student", "data", "logits", "out"):
+        if key in shared:
+            raise FamexError(f"{where}: [distill] {key} is set per [[student]] by the run; remove it")
+    student_nodes: dict[str, Node] = {}
+    for i, st in enumerate(students):
+        st = dict(st)
+        sname = st.pop("name", None)
+        if not sname:
+            raise FamexError(f"{where}: [[student]] #{i + 1} has no name")
+        preset = st.pop("preset", None) or st.pop("model", None)
+        if not preset:
+            raise FamexError(f"{where}: [[student]] {sname!r} needs preset = NAME (famex info --list) or model = DIR")
+        objective = st.pop("objective", "kd")
+        if objective not in ("kd", "ce"):
+            raise FamexError(f"{where}: [[student]] {sname!r} objective must be \"kd\" or \"ce\", not {objective!r}")
+        config = {**shared, **st, "student": preset, "data": data_dir, "out": str(root / f"distill-{sname}")}
+        deps = ["data"]
+        if objective == "kd":
+            config["logits"] = store_nodes["train"].config["out"]
+            deps.append("logits-train")
+            if "val" in store_nodes:
+                config["val_logits"] = store_nodes["val"].config["out"]
+                deps.append("logits-val")
+        else:
+            config["logits"] = "none"
+        student_nodes[sname] = add(Node(f"distill-{sname}", "distill", config, deps, {"student": sname, "objective": objective}))
+
+    for section in ("sft", "dpo", "quantize", "export", "eval", "report"):
+        if section in raw and not stage_ready(section):
+            log(f"famex run: [{section}] is planned in the recipe but this famex does not have the {section} stage yet; skipping it")
+
+    return Recipe(path, raw, name, root, run.get("minutes"), nodes)
+
+
+def select(nodes: list[Node], only: list[str] | None, start: str | None) -> list[Node]:
+    stages = {n.stage for n in nodes} | {n.name for n in nodes}
+    for s in (only or []) + ([start] if start else []):
+        if s not in stages:
+            raise FamexError(f"unknown stage {s!r} in --only/--from; this recipe has {', '.join(sorted(stages))}")
+    chosen = nodes
+    if start:
+        idx = next(i for i, n in enumerate(nodes) if start in (n.stage, n.name))
+        chosen = nodes[idx:]
+    if only:
+        chosen = [n for n in chosen if n.stage in only or n.name in only]
+    return chosen
+
+
+def print_plan(recipe: Recipe, nodes: list[Node]) -> None:
+    print(f"recipe {recipe.path} → {recipe.out}")
+    for n in nodes:
+        state = "available" if n.available() else "not built yet"
+        print(f"  {n.name:<28} famex {n.stage:<9} deps: {', '.join(n.deps) or '-':<30} ({state})")
+
+
+def execute(recipe: Recipe, nodes: list[Node]) -> None:
+    total = len(nodes)
+    t_run = time.perf_counter()
+    for i, node in enumerate(nodes, 1):
+        if not node.available():
+            log(f"[{i}/{total}] {node.name}: skipped — the {node.stage} stage is not built in this famex")
+            continue
+        module = _module(node.stage)
+        cfg = config_from_dict(module.CONFIG, node.config, f"{recipe.path} ({node.name})")
+        if hasattr(cfg, "validate"):
+            cfg.validate()
+        log(f"[{i}/{total}] {node.name}: famex {node.stage}")
+        t0 = time.perf_counter()
+        module.run(cfg)
+        log(f"[{i}/{total}] {node.name}: done in {time.perf_counter() - t0:.0f} s")
+    log(f"famex run: {recipe.name} finished in {(time.perf_counter() - t_run) / 60:.1f} min; outputs in {recipe.out}")
+
+
+# ---------------------------------------------------------------- CLI
+
+
+@dataclass
+class RunArgs:
+    recipe: str
+    dry_run: bool
+    only: list[str] | None
+    start: str | None
+    out: str | None
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", help="a recipe TOML file (configs/demo.toml, configs/apertus-v1.1.toml)")
+    parser.add_argument("--dry-run", action="store_true", help="print the plan, FLOPs per stage and store size; run nothing")
+    parser.add_argument("--only", nargs="+", metavar="STAGE", help="run only these stages (stage kinds or directory names)")
+    parser.add_argument("--from", dest="start", metavar="STAGE", help="start at this stage (earlier ones must be complete)")
+    parser.add_argument("--out", help="run directory (default: [run] out, else runs/<name>)")
+
+
+def main(args: argparse.Namespace) -> int:
+    recipe = load_recipe(args.recipe, args.out)
+    nodes = select(recipe.nodes, args.only, args.start)
+    if args.dry_run:
+        print_plan(recipe, nodes)
+        return 0
+    if recipe.minutes:
+        log(f"famex run: {recipe.name} — expected to take about {recipe.minutes:g} minutes on 2 CPU cores")
+    execute(recipe, nodes)
+    return 0
