@@ -1,0 +1,293 @@
+"""The report's tables as pure functions: summary rows (and stage metrics) in, Markdown text out.
+
+Also the small data selections the tables and the plots share: the quantization ablation grid
+(paper Fig. 4), the weight-averaging pairs (Fig. 5), the front of each kind of model (Fig. 3),
+and the KD-vs-CE-only twins of the training section.
+
+Conventions: losses in nats/token, accuracies shown in percent (stored as fractions), sizes in
+decimal units (1 MB = 10^6 bytes), "Δ val loss" = quantized val loss − val loss of the BF16 model
+it was quantized from.
+
+What this module does not do: read files, draw, or decide which sections the report has.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from famex.report.pareto import frontier
+
+METHODS = ("rtn", "gptq", "qad")
+METHOD_NAMES = {"rtn": "RTN", "gptq": "GPTQ", "qad": "QAD", "none": "—"}
+# When one variant was evaluated twice (the quantized model and its export), the table shows the
+# quantized model: that is what the methods produced; the export's numbers are in the summary.
+SOURCE_PREFERENCE = {"quantize": 0, "export": 1}
+
+
+# ---------------------------------------------------------------- formatting
+
+
+def fmt(v: Any, digits: int = 3) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, int):
+        return f"{v:,}"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def fmt_signed(v: float | None, digits: int = 3) -> str:
+    return "–" if v is None else f"{v:+.{digits}f}"
+
+
+def fmt_pct(fraction: float | None, digits: int = 1) -> str:
+    """A fraction in [0, 1] as a percentage."""
+    return "–" if fraction is None else f"{100 * fraction:.{digits}f}%"
+
+
+def fmt_percent(percent: float | None, digits: int = 1) -> str:
+    """A value already in percent."""
+    return "–" if percent is None else f"{percent:.{digits}f}%"
+
+
+def fmt_bytes(n: float | None) -> str:
+    if n is None:
+        return "–"
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{n:.0f} B"
+
+
+def fmt_sci(v: float | None) -> str:
+    """Scientific notation as the paper prints FLOPs (``1.4E22``)."""
+    if v is None:
+        return "–"
+    return f"{v:.2E}".replace("E+", "E")
+
+
+def md_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """A GitHub Markdown table; cells are strings already (``|`` escaped here)."""
+    def cell(x: Any) -> str:
+        return str(x).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(cell(h) for h in headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def method_label(method: str | None, norm_fusion: bool | None) -> str:
+    name = METHOD_NAMES.get(str(method), str(method))
+    return f"{name} + NF" if norm_fusion else name
+
+
+def variant_label(row: dict[str, Any]) -> str:
+    """Short name of a model variant: ``distill-m int4 GPTQ + NF``."""
+    parts = [str(row.get("model"))]
+    if row.get("format") not in (None, "bf16"):
+        parts += [str(row["format"]), method_label(row.get("method"), row.get("norm_fusion"))]
+    else:
+        parts.append("bf16")
+    if row.get("weight_averaging"):
+        parts.append("+ WA")
+    if row.get("source_stage") == "export":
+        parts.append("[export]")
+    return " ".join(parts)
+
+
+def format_order(name: str) -> tuple[int, str]:
+    """Formats by their bit width, then name (int2, int3, int4, nvfp4, int6, fp8)."""
+    m = re.search(r"\d+", name or "")
+    return (int(m.group()) if m else 99, name or "")
+
+
+# ---------------------------------------------------------------- the models and their front
+
+
+def summary_table(rows: list[dict[str, Any]]) -> str:
+    headers = ["model", "kind", "obj.", "format", "method", "WA", "val loss", "Δ val loss", "few-shot avg",
+               "recovery", "size", "bits/weight", "Pareto"]
+    body = [[
+        r["model"], r.get("kind") or "–", r.get("objective") or "–", r.get("format") or "–",
+        method_label(r.get("method"), r.get("norm_fusion")), fmt(bool(r.get("weight_averaging"))),
+        fmt(r.get("val_loss")), fmt_signed(r.get("val_loss_increase")), fmt_pct(r.get("fewshot_avg")),
+        fmt_percent(r.get("recovery")), fmt_bytes(r.get("size_bytes")), fmt(r.get("bits_per_weight"), 2),
+        {True: "**yes**", False: "no", None: "–"}[r.get("on_pareto")],
+    ] for r in rows]
+    return md_table(headers, body)
+
+
+def front(rows: list[dict[str, Any]], cost_key: str, quality_key: str, higher_is_better: bool) -> list[dict[str, Any]]:
+    """The rows on the front, by increasing cost."""
+    idx = frontier([r.get(cost_key) for r in rows], [r.get(quality_key) for r in rows], higher_is_better)
+    return [rows[i] for i in idx]
+
+
+def frontier_table(points: list[dict[str, Any]], cost_key: str, quality_key: str) -> str:
+    cost_name = {"size_bytes": "size", "flops_per_token": "FLOPs/token"}.get(cost_key, cost_key)
+    quality_name = {"val_loss": "val loss", "fewshot_avg": "few-shot avg"}.get(quality_key, quality_key)
+    body = []
+    for i, r in enumerate(points, 1):
+        cost = fmt_bytes(r.get(cost_key)) if cost_key == "size_bytes" else fmt_sci(r.get(cost_key))
+        quality = fmt(r.get(quality_key)) if quality_key == "val_loss" else fmt_pct(r.get(quality_key))
+        body.append([i, variant_label(r), cost, quality, fmt(r.get("bits_per_weight"), 2), r.get("path") or "–"])
+    return md_table(["#", "variant", cost_name, quality_name, "bits/weight", "path"], body)
+
+
+# ---------------------------------------------------------------- quantization ablation (Fig. 4)
+
+
+def ablation_grid(rows: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, dict[tuple[str, bool], dict]]]:
+    """Quantized rows without weight averaging as ``{(model, kind): {format: {(method, nf): row}}}``."""
+    grid: dict[tuple[str, str], dict[str, dict[tuple[str, bool], dict]]] = {}
+    for r in rows:
+        if r.get("format") in (None, "bf16") or r.get("weight_averaging") or r.get("method") in (None, "none"):
+            continue
+        cell = grid.setdefault((str(r["model"]), str(r.get("kind"))), {}).setdefault(str(r["format"]), {})
+        key = (str(r["method"]), bool(r.get("norm_fusion")))
+        old = cell.get(key)
+        if old is None or SOURCE_PREFERENCE.get(r.get("source_stage"), 2) < SOURCE_PREFERENCE.get(old.get("source_stage"), 2):
+            cell[key] = r
+    return grid
+
+
+def _columns(cells: Iterable[dict[tuple[str, bool], dict]]) -> list[tuple[str, bool]]:
+    present = {k for c in cells for k in c}
+    order = {m: i for i, m in enumerate(METHODS)}
+    return sorted(present, key=lambda k: (order.get(k[0], len(order)), k[0], k[1]))
+
+
+def best_variants(cells: dict[tuple[str, bool], dict], key: str, higher_is_better: bool) -> list[tuple[str, bool]]:
+    """The (method, norm fusion) keys with the best value of ``key`` among one format's variants (all tied ones)."""
+    scored = {k: r[key] for k, r in cells.items() if r.get(key) is not None}
+    if not scored:
+        return []
+    best = (max if higher_is_better else min)(scored.values())
+    return [k for k in _columns([cells]) if scored.get(k) == best]
+
+
+def ablation_table(formats: dict[str, dict[tuple[str, bool], dict]]) -> str:
+    """One model's ablation: a row per format, a column per method (± norm fusion).
+
+    Cells show Δ val loss (lower is better) and, where few-shot accuracy was evaluated, recovery
+    (higher is better). The best cells of each row (all of them when tied) are in bold: by Δ val loss where any
+    cell has one, else by recovery.
+    """
+    cols = _columns(formats.values())
+    body = []
+    for fmt_name in sorted(formats, key=format_order):
+        cells = formats[fmt_name]
+        best = (best_variants(cells, "val_loss_increase", higher_is_better=False)
+                or best_variants(cells, "recovery", higher_is_better=True))
+        bits = [r["bits_per_weight"] for r in cells.values() if r.get("bits_per_weight") is not None]
+        line = [fmt_name, fmt(sum(bits) / len(bits), 2) if bits else "–"]
+        for col in cols:
+            r = cells.get(col)
+            if r is None:
+                line.append("")
+                continue
+            parts = []
+            if r.get("val_loss_increase") is not None:
+                parts.append(fmt_signed(r["val_loss_increase"]))
+            if r.get("recovery") is not None:
+                parts.append(fmt_percent(r["recovery"]))
+            text = " / ".join(parts) or "–"
+            line.append(f"**{text}**" if col in best else text)
+        line.append(", ".join(method_label(*k) for k in best) or "–")
+        body.append(line)
+    return md_table(["format", "bits/weight", *(method_label(m, nf) for m, nf in cols), "best"], body)
+
+
+# ---------------------------------------------------------------- weight averaging (Fig. 5)
+
+
+def weight_averaging_pairs(rows: list[dict[str, Any]]) -> list[tuple[dict, dict]]:
+    """(without, with) weight averaging for each model variant evaluated both ways."""
+    def key(r: dict) -> tuple:
+        return (r["model"], r.get("kind"), r.get("format"), r.get("method"), bool(r.get("norm_fusion")))
+
+    without: dict[tuple, dict] = {}
+    for r in rows:
+        if not r.get("weight_averaging"):
+            without.setdefault(key(r), r)
+    pairs = [(without[key(r)], r) for r in rows if r.get("weight_averaging") and key(r) in without]
+    return sorted(pairs, key=lambda p: (p[0]["model"], p[0]["format"] != "bf16", format_order(str(p[0]["format"])),
+                                        str(p[0]["method"]), bool(p[0]["norm_fusion"])))
+
+
+def gap_closed(without: dict, with_: dict) -> float | None:
+    """Share of the quantization loss gap that weight averaging removes, in percent."""
+    a, b = without.get("val_loss_increase"), with_.get("val_loss_increase")
+    if a is None or b is None or a <= 0:
+        return None
+    return 100.0 * (a - b) / a
+
+
+def weight_averaging_table(pairs: list[tuple[dict, dict]]) -> str:
+    body = []
+    for a, b in pairs:
+        body.append([
+            a["model"], a.get("format"), method_label(a.get("method"), a.get("norm_fusion")),
+            fmt(a.get("val_loss")), fmt(b.get("val_loss")),
+            fmt_signed(a.get("val_loss_increase")), fmt_signed(b.get("val_loss_increase")),
+            fmt_percent(gap_closed(a, b)), fmt_pct(a.get("fewshot_avg")), fmt_pct(b.get("fewshot_avg")),
+        ])
+    return md_table(["model", "format", "method", "val loss", "val loss (WA)", "Δ val loss", "Δ val loss (WA)",
+                     "gap closed by WA", "few-shot", "few-shot (WA)"], body)
+
+
+# ---------------------------------------------------------------- training and the logit store
+
+
+def training_table(runs: list[dict[str, Any]]) -> str:
+    body = []
+    for run in runs:
+        m = run["metrics"]
+        source = run.get("student")
+        # a student given as a directory (or a post-training run's input model) is named by its last part
+        body.append([run["name"], Path(str(source)).name if source else "–", (run.get("objective") or "–").upper(),
+                     fmt(m.get("tokens")), fmt(m.get("params")), fmt(m.get("train_loss")),
+                     fmt(m.get("val_loss")), fmt(m.get("val_kl"))])
+    return md_table(["run", "student", "objective", "tokens", "params", "final train loss", "val loss", "val KL"], body)
+
+
+def twins(runs: list[dict[str, Any]]) -> list[tuple[dict, dict]]:
+    """(KD, CE-only) pairs of distill runs that train the same student, for the baseline comparison."""
+    kd = [r for r in runs if r.get("objective") == "kd"]
+    ce = [r for r in runs if r.get("objective") == "ce"]
+    return [(a, b) for a in kd for b in ce if a.get("student") is not None and a.get("student") == b.get("student")]
+
+
+def twins_table(pairs: list[tuple[dict, dict]]) -> str:
+    body = []
+    for a, b in pairs:
+        va, vb = a["metrics"].get("val_loss"), b["metrics"].get("val_loss")
+        delta = va - vb if va is not None and vb is not None else None
+        body.append([a.get("student"), a["name"], fmt(va), b["name"], fmt(vb), fmt_signed(delta)])
+    return md_table(["student", "distilled", "val loss", "CE-only", "val loss", "KD − CE"], body)
+
+
+PAPER_BYTES_PER_ENTRY = 8  # the paper stores each top-k entry as fp32 probability + int32 index
+
+
+def logits_table(stores: list[tuple[str, dict[str, Any], dict[str, Any]]]) -> str:
+    """One row per logit store: (name, config, metrics)."""
+    body = []
+    for name, cfg, m in stores:
+        k = cfg.get("top_k")
+        paper = k * PAPER_BYTES_PER_ENTRY if isinstance(k, int) else None
+        bpt = m.get("bytes_per_token")
+        body.append([
+            name, cfg.get("split") or "–", fmt(k), cfg.get("encoding") or "–", fmt(m.get("tokens")),
+            fmt(bpt, 1), fmt(paper), f"{paper / bpt:.1f}×" if paper and bpt else "–",
+            fmt_pct(m.get("mass_covered"), 2), fmt_sci(m.get("kl_decoded_vs_exact")),
+            fmt(m.get("tokens_per_s"), 0), fmt_bytes(m.get("bytes")),
+        ])
+    return md_table(["store", "split", "top-k", "encoding", "tokens", "bytes/token", "paper layout bytes/token",
+                     "smaller by", "mass covered", "KL decoded vs exact", "tokens/s", "size"], body)
