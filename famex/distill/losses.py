@@ -21,7 +21,8 @@ Conventions shared by both:
   probabilities (p_i^(1/τ), renormalized over the top-k); KL is multiplied by τ² (Hinton et al.)
   so gradient magnitudes do not shrink with τ. CE always uses τ = 1.
 - Normalization: sums over tokens whose label is not `ignore_index`; the mean divides by that
-  count. Both KL and CE use the same tokens. `LossOut` carries the sums and the count so gradient
+  count. Both KL and CE use the same tokens (a labelled token whose teacher row is all padding
+  adds CE but no KL, and still counts). `LossOut` carries the sums and the count so gradient
   accumulation across micro-batches and ranks can divide by the global count instead.
 
 What this module does not do: read the logit store, check that a store chunk matches a data
@@ -97,7 +98,8 @@ def teacher_targets(
         teacher_probs: float [..., k], the teacher's probabilities of those ids at temperature 1.
             A row may hold fewer than k real entries: **padding slots have probability 0** (their
             id may be anything, −1 included). A probability that underflowed to 0 is treated the
-            same way, which is exact: it carries no mass in either tail mode.
+            same way, which is exact: it carries no mass in either tail mode. The real ids of a
+            row must be distinct (a top-k is).
         vocab_size: the student's vocabulary; a real id outside [0, vocab_size) is an error.
         tail: "renormalize" — the top-k is rescaled to sum to 1 and the student is pushed to put
             all its mass on it; "bucket" — the left-out mass r = 1 − Σ p_i is one more outcome whose
@@ -175,8 +177,8 @@ def sparse_kl(
         tail, temperature: as in `teacher_targets`; the result is τ²·KL.
 
     Returns:
-        float32 [...], one KL per token (0 for rows with no real teacher entry). No masking or
-        averaging: callers select labelled tokens and reduce as they need.
+        [...] (fp32; fp64 for fp64 logits), one KL per token (0 for rows with no real teacher
+        entry). No masking or averaging: callers select labelled tokens and reduce as they need.
 
     Materializes a log-softmax the size of the logits: for training batches use `distill_loss`.
     """
