@@ -1,0 +1,169 @@
+"""Benchmark: the sparse teacher-logit store on the default teacher (SmolLM2-135M-Instruct).
+
+One run, side by side on the same chunks of the demo corpus:
+
+1. generation overhead: the bare teacher forward (inputs, mask, forward; no top-k) against
+   `famex logits` (forward + top-k + encoding + compression + writing, encoder threads overlapping
+   the forward), in interleaved rounds. Reported as wall-clock tokens/s and as CPU seconds (all
+   threads): on a shared machine the wall clock is noisy, the CPU time is the work done. On a GPU the
+   encoding runs on the CPU beside the forward, so only the wall clock matters there;
+2. encodings: bytes/token, KL(exact || decoded) over every position, encode and decode speed, for
+   `paper` and `compact` at k = 256 and k = 64, on the teacher's own top-256;
+3. read throughput of a generated store: sequential `stream()` and random access `store[i]`,
+   against the teacher forward rate (a distilled student consumes tokens no faster than its
+   teacher's forward on the same hardware unless it is much smaller).
+
+Usage:
+
+    .venv/bin/python bench/logits.py [--tokens 8192] [--seq-len 512] [--rounds 3] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from famex.data.packing import PackedChunks, chunk_permutation, collate, model_inputs
+from famex.data.prepare import DataConfig, prepare
+from famex.models import load_model, resolve_model_spec
+from famex.teacher import codec, store
+from famex.teacher.generate import LogitsConfig, generate, topk_of_logits
+
+
+def bare_pass(model, chunks, order, batch_size: int, keep_topk: int = 0):
+    """Teacher forward over the chunks in store order; optionally keep the top-k (for the codec table).
+
+    Returns (tokens/s wall, CPU seconds, kept top-k).
+    """
+    kept = []
+    t0, c0 = time.perf_counter(), time.process_time()
+    with torch.inference_mode():
+        for b in range(0, len(order), batch_size):
+            batch = collate([chunks[int(i)] for i in order[b : b + batch_size]])
+            logits = model(**model_inputs(batch, "sdpa")).logits[..., : chunks.vocab_size]
+            if keep_topk:
+                ids, probs, mass = topk_of_logits(logits.reshape(-1, logits.shape[-1]), keep_topk)
+                T = chunks.seq_len
+                for j in range(len(batch["input_ids"])):
+                    sl = slice(j * T, (j + 1) * T)
+                    kept.append((batch["input_ids"][j].numpy(), ids[sl].int().numpy(), probs[sl].numpy(), mass[sl].double().numpy()))
+    return len(order) * chunks.seq_len / (time.perf_counter() - t0), time.process_time() - c0, kept
+
+
+def codec_table(kept, vocab: int, seq_len: int) -> list[dict]:
+    rows = []
+    n_tokens = len(kept) * seq_len
+    for k in (256, 64):
+        chunks = []
+        for i, (tok, ids, probs, mass) in enumerate(kept):
+            m = mass + probs[:, k:].astype(np.float64).sum(1)  # top-k is a prefix of the sorted top-256
+            chunks.append(store.ChunkLogits(i, tok, ids[:, :k], probs[:, :k], m))
+        for enc in ("paper", "compact"):
+            t0 = time.perf_counter()
+            data = store.encode_shard(chunks, shard=0, position_start=0, encoding=enc, vocab_size=vocab, k=k, seq_len=seq_len,
+                                      kl_chunks=0)
+            enc_s = time.perf_counter() - t0
+            header, payload = store.parse_header(data, "bench")
+            table = store._table(Path("bench"), header, store._table_bytes(header, data, payload))
+            t0 = time.perf_counter()
+            decoded = []
+            for rec in header["chunks"]:
+                o = payload + rec["offset"] + rec["tokens_bytes"]
+                decoded.append(codec.decode(data[o : o + rec["logits_bytes"]], table=table))
+            dec_s = time.perf_counter() - t0
+            kl = np.concatenate([
+                codec.kl_decoded_vs_exact(c.ids, c.probs, c.mass_left, d.ids, d.probs, d.mass_left) for c, d in zip(chunks, decoded)
+            ])
+            raw_mb = n_tokens * k * 8 / 1e6
+            rows.append({
+                "encoding": enc, "k": k, "bytes_per_token": len(data) / n_tokens,
+                "id_table_bytes_per_token": header.get("id_table", {}).get("bytes", 0) / n_tokens,
+                "kl_mean": float(kl.mean()), "kl_max": float(kl.max()),
+                "encode_MBps": raw_mb / enc_s, "encode_tok_s": n_tokens / enc_s,
+                "decode_MBps": raw_mb / dec_s, "decode_tok_s": n_tokens / dec_s,
+            })
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", type=int, default=8192, help="tokens of the demo corpus to run over")
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--batch-size", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds of bare forward and famex logits")
+    ap.add_argument("--teacher", default="default")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default); 1 is fastest on a busy machine")
+    ap.add_argument("--keep", help="keep the work directory here instead of a temp dir")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="famex-bench-logits-"))
+    try:
+        data = work / "data"
+        prepare(DataConfig(demo=True, out=str(data), tokenizer=args.teacher, seq_len=args.seq_len, val_fraction=0.0,
+                           max_tokens=args.tokens + args.seq_len, workers=1))
+        chunks = PackedChunks(data, "train")
+        order = chunk_permutation(len(chunks), 0)
+        model = load_model(resolve_model_spec(args.teacher))
+        print(f"teacher {args.teacher}: {len(chunks)} chunks x {chunks.seq_len} tokens, torch threads {torch.get_num_threads()}")
+
+        per_shard = max(chunks.seq_len, args.tokens // 4)  # several shards, so encoding overlaps the forward
+        rounds = []
+        kept = None
+        for r in range(args.rounds):
+            bare_tps, bare_cpu, k_ = bare_pass(model, chunks, order, args.batch_size, keep_topk=256 if kept is None else 0)
+            kept = kept or k_
+            out = work / f"store{r}"
+            generate(LogitsConfig(teacher=args.teacher, data=str(data), out=str(out), batch_size=args.batch_size,
+                                  tokens_per_shard=per_shard))
+            m = json.loads((out / "metrics.json").read_text())
+            rounds.append((bare_tps, m["tokens_per_s"], bare_cpu, m["cpu_s"]))
+        metrics = m
+        print(f"\n## Generation overhead (compact, k=256, {metrics['shards']} shards of {per_shard} tokens)\n")
+        print("| round | bare forward tok/s | famex logits tok/s | wall overhead | bare CPU s | famex logits CPU s | CPU overhead |")
+        print("|---|---|---|---|---|---|---|")
+        for r, (bt, gt, bc, gc) in enumerate(rounds):
+            print(f"| {r} | {bt:,.0f} | {gt:,.0f} | {bt / gt - 1:+.1%} | {bc:.1f} | {gc:.1f} | {gc / bc - 1:+.1%} |")
+        wall = float(np.median([bt / gt - 1 for bt, gt, _, _ in rounds]))
+        cpu = float(np.median([gc / bc - 1 for _, _, bc, gc in rounds]))
+        print(f"\nmedian overhead: wall {wall:+.1%}, CPU {cpu:+.1%}")
+        print(f"store: {metrics['bytes_per_token']:.1f} bytes/token, mass covered {metrics['mass_covered']:.4f}, "
+              f"KL to exact {metrics['kl_decoded_vs_exact']:.2e} (sampled positions)")
+        bare = float(np.median([bt for bt, _, _, _ in rounds]))
+
+        print("\n## Encodings on the teacher's top-k (every position)\n")
+        print("| encoding | k | bytes/token | of which id table | KL mean | KL max | encode MB/s (tok/s) | decode MB/s (tok/s) |")
+        print("|---|---|---|---|---|---|---|---|")
+        for r in codec_table(kept, chunks.vocab_size, chunks.seq_len):
+            print(f"| {r['encoding']} | {r['k']} | {r['bytes_per_token']:.1f} | {r['id_table_bytes_per_token']:.2f} | "
+                  f"{r['kl_mean']:.2e} | {r['kl_max']:.2e} | {r['encode_MBps']:.1f} ({r['encode_tok_s']:,.0f}) | "
+                  f"{r['decode_MBps']:.1f} ({r['decode_tok_s']:,.0f}) |")
+
+        s = store.LogitStore(out)
+        t0 = time.perf_counter()
+        n = sum(c.ids.shape[0] for c in s.stream())
+        seq_tps = n / (time.perf_counter() - t0)
+        rng = np.random.default_rng(0)
+        t0 = time.perf_counter()
+        picks = rng.permutation(len(s))
+        n = sum(s[int(i)].ids.shape[0] for i in picks)
+        rnd_tps = n / (time.perf_counter() - t0)
+        print("\n## Read throughput (compact, k=256, decoded to torch tensors)\n")
+        print("| reader | tokens/s | x teacher forward |\n|---|---|---|")
+        print(f"| stream() sequential, prefetch thread | {seq_tps:,.0f} | {seq_tps / bare:.0f}x |")
+        print(f"| store[i] random access | {rnd_tps:,.0f} | {rnd_tps / bare:.0f}x |")
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
