@@ -14,6 +14,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -96,6 +98,24 @@ def _check_gguf_is_lm(path: Path) -> None:
         raise FamexError(f"{path}: GGUF has no token embedding (token_embd.weight); it is not a language model")
 
 
+@contextmanager
+def _tqdm_off():
+    from famex.utils import is_quiet
+
+    if not is_quiet() and sys.stderr.isatty():
+        yield
+        return
+    old = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = old
+
+
 def load_tokenizer(spec: str | os.PathLike | ModelSpec):
     from transformers import AutoTokenizer
 
@@ -116,9 +136,10 @@ def load_model(spec: str | os.PathLike | ModelSpec, dtype: Any = None, attn_impl
     ms = spec if isinstance(spec, ModelSpec) else resolve_model_spec(spec)
     dtype = dtype or torch.float32
     if ms.kind == "gguf":
-        model = AutoModelForCausalLM.from_pretrained(
-            ms.path.parent, gguf_file=ms.path.name, dtype=dtype, attn_implementation=attn_implementation
-        )
+        with _tqdm_off():  # transformers' GGUF loader draws its own bar, outside its verbosity switch
+            model = AutoModelForCausalLM.from_pretrained(
+                ms.path.parent, gguf_file=ms.path.name, dtype=dtype, attn_implementation=attn_implementation
+            )
         # The weights are dequantized on load: the GGUF quantization no longer applies.
         if getattr(model.config, "quantization_config", None) is not None:
             del model.config.quantization_config

@@ -185,9 +185,17 @@ def load_recipe(path: str | Path, out: str | None = None) -> Recipe:
             config["logits"] = "none"
         student_nodes[sname] = add(Node(f"distill-{sname}", "distill", config, deps, {"student": sname, "objective": objective}))
 
-    for section in ("sft", "dpo", "quantize", "export", "eval", "report"):
+    for section in ("sft", "dpo", "quantize", "export", "eval"):
         if section in raw and not stage_ready(section):
             log(f"famex run: [{section}] is planned in the recipe but this famex does not have the {section} stage yet; skipping it")
+
+    # -- report: last, over everything above
+    report_cfg = dict(raw.get("report", {}))
+    for key in ("run_dir", "out"):
+        if key in report_cfg:
+            raise FamexError(f"{where}: [report] {key} is set by the run; remove it")
+    add(Node("report", "report", {**report_cfg, "run_dir": str(root), "out": str(root / "report")},
+             deps=[n.name for n in nodes]))
 
     return Recipe(path, raw, name, root, run.get("minutes"), nodes)
 
@@ -229,6 +237,9 @@ def execute(recipe: Recipe, nodes: list[Node]) -> None:
         module.run(cfg)
         log(f"[{i}/{total}] {node.name}: done in {time.perf_counter() - t0:.0f} s")
     log(f"famex run: {recipe.name} finished in {(time.perf_counter() - t_run) / 60:.1f} min; outputs in {recipe.out}")
+    report = recipe.out / "report" / "report.md"
+    if report.is_file():
+        print(f"report: {report}")
 
 
 # ---------------------------------------------------------------- CLI
