@@ -7,15 +7,17 @@ One run, side by side on the same chunks of the demo corpus:
    the forward), in interleaved rounds. Reported as wall-clock tokens/s and as CPU seconds (all
    threads): on a shared machine the wall clock is noisy, the CPU time is the work done. On a GPU the
    encoding runs on the CPU beside the forward, so only the wall clock matters there;
-2. encodings: bytes/token, KL(exact || decoded) over every position, encode and decode speed, for
-   `paper` and `compact` at k = 256 and k = 64, on the teacher's own top-256;
+2. encodings: bytes/token, KL in both directions over every position, mass kept, mean kept k,
+   encode and decode speed, for `paper`, `compact` and `compact` with fixed k (no adaptive k) at
+   k = 256 and k = 64, on the teacher's own top-256 (or on a saved top-256: ``--encodings-only``);
 3. read throughput of a generated store: sequential `stream()` and random access `store[i]`,
    against the teacher forward rate (a distilled student consumes tokens no faster than its
    teacher's forward on the same hardware unless it is much smaller).
 
 Usage:
 
-    .venv/bin/python bench/logits.py [--tokens 8192] [--seq-len 512] [--rounds 3] [--threads N]
+    .venv/bin/python bench/logits.py [--tokens 8192] [--seq-len 512] [--rounds 3] [--threads N] [--save-topk F]
+    .venv/bin/python bench/logits.py --encodings-only F      # only the encodings table, on a saved top-256
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import torch
 
 from famex.data.packing import PackedChunks, chunk_permutation, collate, model_inputs
 from famex.data.prepare import DataConfig, prepare
-from famex.models import load_model, resolve_model_spec
+from famex.models import load_model, load_tokenizer, resolve_model_spec
 from famex.teacher import codec, store
 from famex.teacher.generate import LogitsConfig, generate, topk_of_logits
 
@@ -58,17 +60,20 @@ def bare_pass(model, chunks, order, batch_size: int, keep_topk: int = 0):
 
 
 def codec_table(kept, vocab: int, seq_len: int) -> list[dict]:
+    """paper and compact (and compact with fixed k, for comparison) at k = 256 and 64, in one shard."""
     rows = []
     n_tokens = len(kept) * seq_len
+    variants = (("paper", {}), ("compact", {}), ("compact, fixed k", {"drop_fraction": 0.0}))
     for k in (256, 64):
         chunks = []
         for i, (tok, ids, probs, mass) in enumerate(kept):
             m = mass + probs[:, k:].astype(np.float64).sum(1)  # top-k is a prefix of the sorted top-256
             chunks.append(store.ChunkLogits(i, tok, ids[:, :k], probs[:, :k], m))
-        for enc in ("paper", "compact"):
+        for name, options in variants:
+            enc = name.split(",")[0]
             t0 = time.perf_counter()
             data = store.encode_shard(chunks, shard=0, position_start=0, encoding=enc, vocab_size=vocab, k=k, seq_len=seq_len,
-                                      kl_chunks=0)
+                                      kl_chunks=0, **options)
             enc_s = time.perf_counter() - t0
             header, payload = store.parse_header(data, "bench")
             table = store._table(Path("bench"), header, store._table_bytes(header, data, payload))
@@ -78,18 +83,46 @@ def codec_table(kept, vocab: int, seq_len: int) -> list[dict]:
                 o = payload + rec["offset"] + rec["tokens_bytes"]
                 decoded.append(codec.decode(data[o : o + rec["logits_bytes"]], table=table))
             dec_s = time.perf_counter() - t0
-            kl = np.concatenate([
-                codec.kl_decoded_vs_exact(c.ids, c.probs, c.mass_left, d.ids, d.probs, d.mass_left) for c, d in zip(chunks, decoded)
-            ])
-            raw_mb = n_tokens * k * 8 / 1e6
+            pairs = [(c.ids, c.probs, c.mass_left, d.ids, d.probs, d.mass_left) for c, d in zip(chunks, decoded)]
+            fwd = np.concatenate([codec.kl_decoded_vs_exact(*x) for x in pairs])
+            back = np.concatenate([codec.kl_exact_vs_decoded(*x, vocab) for x in pairs])
             rows.append({
-                "encoding": enc, "k": k, "bytes_per_token": len(data) / n_tokens,
+                "encoding": name, "k": k, "bytes_per_token": len(data) / n_tokens,
                 "id_table_bytes_per_token": header.get("id_table", {}).get("bytes", 0) / n_tokens,
-                "kl_mean": float(kl.mean()), "kl_max": float(kl.max()),
-                "encode_MBps": raw_mb / enc_s, "encode_tok_s": n_tokens / enc_s,
-                "decode_MBps": raw_mb / dec_s, "decode_tok_s": n_tokens / dec_s,
+                "kl_mean": float(fwd.mean()), "kl_max": float(fwd.max()), "kl_back_mean": float(back.mean()),
+                "mass_covered": float(np.mean([1 - c.mass_left.mean() for c in chunks])),
+                "mass_kept": float(np.mean([d.probs.astype(np.float64).sum(1).mean() for d in decoded])),
+                "mean_kept_k": float(np.mean([(d.probs > 0).sum(1).mean() for d in decoded])),
+                "encode_tok_s": n_tokens / enc_s, "decode_tok_s": n_tokens / dec_s,
             })
     return rows
+
+
+def print_codec_table(kept, vocab: int, seq_len: int) -> None:
+    print(f"\n## Encodings on the teacher's top-k ({len(kept) * seq_len:,} tokens in one shard, every position)\n")
+    print("| encoding | k | bytes/token | of which id table | KL(decoded ‖ exact) mean | max | KL(exact ‖ decoded) mean "
+          "| mass covered | mass kept | mean kept k | encode tok/s | decode tok/s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in codec_table(kept, vocab, seq_len):
+        print(f"| {r['encoding']} | {r['k']} | {r['bytes_per_token']:.1f} | {r['id_table_bytes_per_token']:.2f} | "
+              f"{r['kl_mean']:.2e} | {r['kl_max']:.2e} | {r['kl_back_mean']:.2e} | {r['mass_covered']:.4f} | "
+              f"{r['mass_kept']:.4f} | {r['mean_kept_k']:.1f} | {r['encode_tok_s']:,.0f} | {r['decode_tok_s']:,.0f} |")
+
+
+def load_cache(path: str, teacher: str) -> tuple[list, int, int]:
+    """Teacher top-256 saved by ``--save-topk``: (kept chunks, seq_len, vocab size)."""
+    d = torch.load(path)
+    kept = [(d["tokens"][i].numpy(), d["ids"][i].numpy(), d["probs"][i].numpy(), d["mass"][i].double().numpy())
+            for i in range(len(d["tokens"]))]
+    vocab = int(d["vocab_size"]) if "vocab_size" in d else len(load_tokenizer(resolve_model_spec(teacher)))
+    return kept, d["tokens"].shape[1], vocab
+
+
+def save_cache(path: str, kept, vocab: int) -> None:
+    torch.save({"vocab_size": vocab, "tokens": torch.as_tensor(np.stack([k[0] for k in kept])),
+                "ids": torch.as_tensor(np.stack([k[1] for k in kept])),
+                "probs": torch.as_tensor(np.stack([k[2] for k in kept])),
+                "mass": torch.as_tensor(np.stack([k[3] for k in kept]))}, path)
 
 
 def main() -> None:
@@ -101,9 +134,16 @@ def main() -> None:
     ap.add_argument("--teacher", default="default")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default); 1 is fastest on a busy machine")
     ap.add_argument("--keep", help="keep the work directory here instead of a temp dir")
+    ap.add_argument("--save-topk", help="save the teacher's top-256 of the run here (torch file) for --encodings-only")
+    ap.add_argument("--encodings-only", metavar="TOPK_FILE",
+                    help="only the encodings table, on a saved top-256 (no teacher run); e.g. 16k LAMBADA tokens")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.encodings_only:
+        kept, seq_len, vocab = load_cache(args.encodings_only, args.teacher)
+        print_codec_table(kept, vocab, seq_len)
+        return
 
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="famex-bench-logits-"))
     try:
@@ -136,16 +176,13 @@ def main() -> None:
         cpu = float(np.median([gc / bc - 1 for _, _, bc, gc in rounds]))
         print(f"\nmedian overhead: wall {wall:+.1%}, CPU {cpu:+.1%}")
         print(f"store: {metrics['bytes_per_token']:.1f} bytes/token, mass covered {metrics['mass_covered']:.4f}, "
-              f"KL to exact {metrics['kl_decoded_vs_exact']:.2e} (sampled positions)")
+              f"kept {metrics['mass_kept']:.4f} in {metrics['mean_kept_k']:.1f} ids, KL(decoded ‖ exact) "
+              f"{metrics['kl_decoded_vs_exact']:.2e}, KL(exact ‖ decoded) {metrics['kl_exact_vs_decoded']:.2e} (sampled positions)")
         bare = float(np.median([bt for bt, _, _, _ in rounds]))
 
-        print("\n## Encodings on the teacher's top-k (every position)\n")
-        print("| encoding | k | bytes/token | of which id table | KL mean | KL max | encode MB/s (tok/s) | decode MB/s (tok/s) |")
-        print("|---|---|---|---|---|---|---|---|")
-        for r in codec_table(kept, chunks.vocab_size, chunks.seq_len):
-            print(f"| {r['encoding']} | {r['k']} | {r['bytes_per_token']:.1f} | {r['id_table_bytes_per_token']:.2f} | "
-                  f"{r['kl_mean']:.2e} | {r['kl_max']:.2e} | {r['encode_MBps']:.1f} ({r['encode_tok_s']:,.0f}) | "
-                  f"{r['decode_MBps']:.1f} ({r['decode_tok_s']:,.0f}) |")
+        if args.save_topk:
+            save_cache(args.save_topk, kept, chunks.vocab_size)
+        print_codec_table(kept, chunks.vocab_size, chunks.seq_len)
 
         s = store.LogitStore(out)
         t0 = time.perf_counter()

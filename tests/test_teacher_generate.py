@@ -171,16 +171,19 @@ def test_compact_store_metrics_and_agreement_with_paper(tmp_path, small_data, ti
     m = json.loads((reference / "manifest.json").read_text())
     assert metrics["bytes_per_token"] == pytest.approx(m["bytes"] / m["tokens"])
     assert metrics["bytes"] == sum(p.stat().st_size for p in reference.glob("shard-*.fxl"))
-    assert 0 < metrics["kl_decoded_vs_exact"] < 1e-3
+    assert 0 < metrics["kl_decoded_vs_exact"] < 1e-3 and metrics["kl_exact_vs_decoded"] > 0
+    assert 0 < metrics["mean_kept_k"] <= 16 and 0 < metrics["mass_kept"] <= metrics["mass_covered"] + 1e-3
     assert metrics["tokens_per_s"] > 0
     a, b = store.LogitStore(reference), store.LogitStore(paper)
-    kls = []
+    kls, back = [], []
     for ca, cb in zip(a.stream(), b.stream()):
         assert ca.data_index == cb.data_index
-        kls.append(codec.kl_decoded_vs_exact(cb.ids.numpy(), cb.probs.numpy(), cb.mass_left.numpy(),
-                                             ca.ids.numpy(), ca.probs.numpy(), ca.mass_left.numpy()))
+        pair = (cb.ids.numpy(), cb.probs.numpy(), cb.mass_left.numpy(), ca.ids.numpy(), ca.probs.numpy(), ca.mass_left.numpy())
+        kls.append(codec.kl_decoded_vs_exact(*pair))
+        back.append(codec.kl_exact_vs_decoded(*pair, a.vocab_size))
     kl = np.concatenate(kls).mean()
     assert kl < 1e-3 and kl == pytest.approx(metrics["kl_decoded_vs_exact"], rel=0.5)
+    assert np.concatenate(back).mean() == pytest.approx(metrics["kl_exact_vs_decoded"], rel=0.5)
     assert metrics["mass_covered"] == pytest.approx(1 - np.mean([c.mass_left.double().mean() for c in b.stream()]), rel=1e-3)
     # smaller than paper even at this tiny vocabulary and k (the real ratio at k=256 is ~4.6x)
     assert metrics["bytes"] < 0.6 * json.loads((paper / "metrics.json").read_text())["bytes"]
@@ -267,6 +270,15 @@ def test_bad_inputs_are_refused_with_a_way_out(tmp_path, small_data, tiny_teache
     assert not (tmp_path / "b" / "meta.json").exists()  # nothing to refuse once the teacher is fixed
     with pytest.raises(FamexError, match="top-k"):
         generate(config(small_data, tiny_teacher, tmp_path / "c", top_k=10**6))
+
+
+def test_a_store_of_an_older_format_is_refused_not_resumed(tmp_path, small_data, tiny_teacher, reference):
+    old = tmp_path / "old"
+    shutil.copytree(reference, old)
+    m = json.loads((old / "manifest.json").read_text())
+    (old / "manifest.json").write_text(json.dumps({**m, "format_version": 1}))
+    with pytest.raises(FamexError, match=r"format version 1.*delete"):
+        generate(config(small_data, tiny_teacher, old))
 
 
 def test_cli_verify(tmp_path, reference, capsys):

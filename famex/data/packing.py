@@ -5,7 +5,10 @@ documents (T = seq_len): inputs are its first T tokens, targets its last T. Each
 the id of the document it belongs to (``segment_ids``), its position inside that document
 (``position_ids``, restarting at 0 where a document starts, and at the chunk start), and a label
 that is ``-100`` where the next token belongs to another document — the model is never asked to
-predict across a document boundary. Attention is masked across documents:
+predict across a document boundary. In chat data (``famex data --chat``) a label is also ``-100``
+where the next token is not an assistant token (the per-token mask beside the shards), so every
+loss downstream (SFT, distillation, QAD) trains on assistant tokens only; ``loss_mask=False``
+ignores the mask. Attention is masked across documents:
 
 - on CPU (SDPA) with a boolean block-diagonal causal mask ``[B, 1, T, T]`` (True = may attend);
 - with flash-attention on GPU, transformers reads packed sequences from the restarted
@@ -42,7 +45,10 @@ class TokenSplit:
             raise FamexError(f"{self.dir}: no split {split!r} (have {', '.join(meta['splits'])})")
         shards = meta["splits"][split]["shards"]
         self._tokens = []
+        self._masks: list[np.ndarray] = []
         lengths = []
+        # Chat data carries a per-token assistant mask beside every token shard.
+        self.has_mask = bool(shards) and all("mask_file" in s for s in shards)
         for shard in shards:
             tok_path, doc_path = self.dir / shard["tokens_file"], self.dir / shard["docs_file"]
             for path, key in ((tok_path, "tokens_sha256"), (doc_path, "docs_sha256")):
@@ -55,6 +61,16 @@ class TokenSplit:
                 raise FamexError(f"{tok_path}: holds {len(toks)} tokens, the index says {shard['tokens']} — corrupt data directory")
             self._tokens.append(toks)
             lengths.append(np.load(doc_path))
+            if self.has_mask:
+                mask_path = self.dir / shard["mask_file"]
+                if not mask_path.is_file():
+                    raise FamexError(f"{mask_path} is missing — the data directory is incomplete; rerun `famex data`")
+                if verify and sha256_file(mask_path) != shard["mask_sha256"]:
+                    raise FamexError(f"{mask_path}: checksum mismatch — the file is corrupt; delete {self.dir} and rerun `famex data`")
+                mask = np.load(mask_path, mmap_mode="r")
+                if len(mask) != len(toks):
+                    raise FamexError(f"{mask_path}: {len(mask)} mask entries for {len(toks)} tokens — corrupt data directory")
+                self._masks.append(mask)
         self.n_tokens = int(sum(len(t) for t in self._tokens))
         self._starts = np.concatenate([[0], np.cumsum([len(t) for t in self._tokens])]).astype(np.int64)
         doc_lengths = np.concatenate(lengths).astype(np.int64) if lengths else np.zeros(0, np.int64)
@@ -63,6 +79,15 @@ class TokenSplit:
 
     def tokens(self, start: int, end: int) -> np.ndarray:
         """Tokens ``[start, end)`` of the stream as int64, across shard boundaries."""
+        return self._read(self._tokens, start, end)
+
+    def mask(self, start: int, end: int) -> np.ndarray:
+        """Assistant mask ``[start, end)`` of the stream (chat data only; 1 = assistant token)."""
+        if not self.has_mask:
+            raise FamexError(f"{self.dir} holds no assistant mask: it was not made with `famex data --chat`")
+        return self._read(self._masks, start, end)
+
+    def _read(self, arrays: list[np.ndarray], start: int, end: int) -> np.ndarray:
         if start < 0 or end > self.n_tokens or start > end:
             raise IndexError(f"token range [{start}, {end}) outside [0, {self.n_tokens})")
         parts = []
@@ -71,7 +96,7 @@ class TokenSplit:
         while start < end:
             base = int(self._starts[s])
             stop = min(end, int(self._starts[s + 1]))
-            parts.append(np.asarray(self._tokens[s][start - base: stop - base], dtype=np.int64))
+            parts.append(np.asarray(arrays[s][start - base: stop - base], dtype=np.int64))
             start = stop
             s += 1
         return np.concatenate(parts) if parts else np.zeros(0, np.int64)
@@ -84,8 +109,12 @@ class TokenSplit:
 class PackedChunks:
     """Fixed-length chunks of a split with labels, document-relative positions and segment ids."""
 
-    def __init__(self, data_dir: str | Path, split: str = "train", seq_len: int | None = None, verify: bool = False):
+    def __init__(self, data_dir: str | Path, split: str = "train", seq_len: int | None = None, verify: bool = False,
+                 loss_mask: bool = True):
         self.data = TokenSplit(data_dir, split, verify=verify)
+        # Chat data: label only assistant tokens (``loss_mask=False`` labels every token, e.g. for a
+        # KL over whole conversations).
+        self.loss_mask = loss_mask and self.data.has_mask
         self.split = split
         self.seq_len = int(seq_len or self.data.meta["seq_len"])
         self.tokenizer_hash = self.data.meta["tokenizer"]["hash"]
@@ -104,7 +133,10 @@ class PackedChunks:
         seg = doc - doc[0]
         doc_start = np.maximum(self.data.doc_starts[doc], start)
         positions = np.arange(start, start + T + 1) - doc_start
-        labels = np.where(seg[1:] == seg[:-1], window[1:], IGNORE_INDEX)
+        keep = seg[1:] == seg[:-1]
+        if self.loss_mask:
+            keep &= self.data.mask(start + 1, start + T + 1) > 0
+        labels = np.where(keep, window[1:], IGNORE_INDEX)
         return {
             "input_ids": torch.from_numpy(window[:-1].copy()),
             "labels": torch.from_numpy(labels.astype(np.int64)),

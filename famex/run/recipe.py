@@ -124,7 +124,7 @@ def load_recipe(path: str | Path, out: str | None = None) -> Recipe:
     teacher = raw.get("teacher")
     if not teacher or "model" not in teacher:
         raise FamexError(f"{where}: [teacher] model is missing — name the teacher (\"default\", a .gguf file or a model directory)")
-    _check("teacher", teacher, {"model"}, where)
+    _check("teacher", teacher, {"model", "pretraining_tokens"}, where)
     nodes: list[Node] = []
     by_name: dict[str, Node] = {}
 

@@ -8,21 +8,31 @@ left out (``1 - sum(probs)``, the probability of every other id). Two encodings:
     Ids and probabilities round-trip bit-exactly; the left-out mass is derived on decode.
 
 ``compact`` (the default)
-    The k ids of a token, mapped through a frequency table (ids that are often in the top-k get
-    small ranks), are sorted and delta-coded; each probability is quantized uniformly in the
-    square-root domain; the left-out mass is kept on a fine log scale; every byte stream is
-    compressed with zstd. The set of ids is exact; only the probabilities are approximated.
+    *Adaptive k*: per token, the smallest entries are dropped into the left-out mass while that
+    stays cheap in KL (`keep_mask`: a per-token budget and a most-per-drop threshold). The kept
+    ids, mapped through a frequency table (ids often in the top-k get small ranks), are sorted and
+    delta-coded; each kept probability is quantized uniformly in the square-root domain; the
+    left-out mass (now including the dropped mass) is kept on a fine log scale; every byte stream
+    is compressed with zstd. The kept ids are exact, the probabilities approximate. A decoded
+    token lists ``k_t <= k`` ids and pads the rest with id -1 and probability 0, which the
+    distillation loss reads as padding.
 
-Why the square-root domain: the loss the store serves is a KL divergence, and for small errors
-``KL(p || p + e) ~ sum e_i^2 / (2 p_i)``. A uniform step ``step`` in ``sqrt(p)`` makes every entry
-contribute the same expected error, ``step^2 / 6`` nats per entry, so ``step = sqrt(6 kl / k)``
-spends a KL budget evenly, and large probabilities get fine steps while the tail gets coarse ones.
-Measured on the default teacher, this beats log-domain steps at equal KL (see docs/store-format.md).
+Why the square-root domain: the store serves a KL loss, and for small errors both
+``KL(p || p + e)`` and ``KL(p + e || p)`` are ``~ sum e_i^2 / (2 p_i)``. A uniform step ``step`` in
+``sqrt(p)`` makes every entry contribute the same expected error, ``step^2 / 6`` nats, so
+``step = sqrt(6 kl / k_mean)`` spends a KL budget evenly; large probabilities get fine steps,
+the tail coarse ones. Measured on the default teacher, this beats log-domain steps at equal KL.
 
-Why ids are not dropped (no adaptive k): an id that is left out is merged into the left-out mass,
-and the decoder can only spread that mass over the whole vocabulary. A tail entry at rank 256 is
-typically 50-100x the average left-out probability, so dropping it costs about 3-4x its mass in
-KL; on the default teacher that is more than any byte saving is worth (docs/store-format.md).
+Why adaptive k: every listed id costs ~10 bits (its place in the id set plus its level), and the
+tail of a top-256 holds ids of tiny probability. Under ``KL(decoded || exact)`` an id moved into
+the left-out mass costs about its own probability (`keep_mask`), so the tail is the cheapest KL
+to spend: at equal KL it saved ~7% over fixed k on the default teacher. It cannot do more: the
+median probability at rank 256 is ~9e-5, so every ~10 ids dropped cost ~1e-3 nats. See
+docs/store-format.md for the measurements (and why 205 bytes/token at k = 256 is out of reach).
+
+The KL metrics (`kl_decoded_vs_exact`, `kl_exact_vs_decoded`) are defined over the exact top-k ids
+plus one bucket for every other id; they measure what the encoding loses, not the top-k
+truncation itself.
 
 This module is pure: numpy arrays in, bytes out. It knows nothing of shards, files or models;
 ``famex.teacher.store`` puts chunk blobs into shards and keeps the id table per shard.
@@ -39,11 +49,21 @@ import numpy as np
 import zstandard
 
 ENCODINGS = ("paper", "compact")
-ENCODING_IDS = {"paper": 1, "compact": 2}
+# Blob encoding ids. 2 was the compact layout of store format 1 (fixed k); it is refused on decode.
+ENCODING_IDS = {"paper": 1, "compact": 3}
+_OLD_COMPACT = 2
 
-#: Default KL budget of the compact encoding's probability quantization (nats per token).
-#: Half the 1e-3 target, because the step formula is an estimate (peaked tokens fall below it).
-DEFAULT_KL_TARGET = 5e-4
+#: Default total KL budget of the compact encoding (nats per token, mean over a chunk): what the
+#: dropped tail and the probability quantization may cost together, in KL(decoded || exact).
+#: 10% under the 1e-3 target: the quantization's share is an estimate (measured within ~2%).
+DEFAULT_KL_TARGET = 9e-4
+#: Default per-token cap on the KL of adaptive k, as a fraction of the KL target (0 = fixed k).
+DEFAULT_DROP_FRACTION = 0.9
+#: One dropped id may add at most kl_target / 20 nats. Why: a drop saves ~1.3 bytes whatever the
+#: id's probability, and a halving of the quantization's KL costs ~12 bytes at k = 256, so bytes
+#: per nat are equal at a threshold of ~0.05-0.08 x the quantization's share; sweeps on the
+#: default teacher found the ratio 20 best at targets 4.5e-4 and 9e-4 (docs/store-format.md).
+_THRESHOLD_RATIO = 1 / 20
 
 #: zstd level: level 3 compresses these streams within 3% of level 19 at ~20x its speed.
 ZSTD_LEVEL = 3
@@ -54,6 +74,7 @@ _MAX_GROUPS = 8
 # Tokens are also split by their left-out mass (flat distributions have higher levels and other
 # gaps than peaked ones); the decoder reads the mass first. 4 buckets saved ~5% at k=256.
 _MASS_EDGES = np.array([0.01, 0.05, 0.15])
+_N_BUCKETS = len(_MASS_EDGES) + 1
 # Escapes (values >= 255) are stored in three byte planes: ids up to 2**24.
 _MAX_VOCAB = 1 << 24
 # Mass left is stored as round(-log2(mass) * 512) in a uint16: relative error <= 0.07% down to
@@ -62,25 +83,66 @@ _MASS_SCALE = 512.0
 _MASS_ZERO = 0xFFFF
 _BLOB_HEAD = struct.Struct("<BBIII")  # encoding id, flags, T, k, vocab_size
 _FLAG_TABLE = 1  # compact: the id table is embedded in the blob
-# Decoded probabilities below this count as this value in the KL metric, so that a decoded zero
-# where the exact one is positive (fp32 rounding of 1 - sum(p)) stays finite yet visible.
+# Probabilities below this count as this value in the KL metrics, so that a zero where the other
+# side is positive (fp32 rounding of 1 - sum(p)) stays finite yet visible.
 _KL_FLOOR = 1e-30
 
 
 @dataclass(frozen=True)
 class Decoded:
-    """One decoded chunk. Within a token the k entries are in no particular order."""
+    """One decoded chunk. Within a token the entries are in no particular order.
 
-    ids: np.ndarray  # [T, k] int32
-    probs: np.ndarray  # [T, k] float32
-    mass_left: np.ndarray  # [T] float32, 1 - sum(probs) as the teacher computed it
+    A token of a compact chunk may list fewer than k ids (adaptive k): the remaining slots hold
+    id -1 and probability 0.
+    """
+
+    ids: np.ndarray  # [T, k] int32, -1 in padding slots
+    probs: np.ndarray  # [T, k] float32, 0 in padding slots
+    mass_left: np.ndarray  # [T] float32: 1 - sum(probs), dropped entries included
 
 
-def step_for(kl_target: float, k: int) -> float:
+def step_for(kl_target: float, k: float) -> float:
     """The sqrt-domain quantization step that spends ``kl_target`` nats per token over k entries."""
     if kl_target <= 0:
         raise ValueError(f"kl_target must be positive, got {kl_target}")
-    return float(np.sqrt(6.0 * kl_target / k))
+    return float(np.sqrt(6.0 * kl_target / max(k, 1.0)))
+
+
+def keep_mask(probs, mass_left, budget: float, threshold: float = np.inf) -> tuple[np.ndarray, np.ndarray]:
+    """Adaptive k: which entries each token keeps, and the KL its dropped entries cost.
+
+    Per token, entries are dropped smallest first, their mass ``D`` moving into the left-out mass
+    ``m``. Over the k ids plus the left-out bucket, ``D_KL(decoded || exact)`` of the drop alone is
+    ``cost(D) = (m + D) ln(1 + D / m)``: the kept entries are unchanged, a dropped id has decoded
+    probability 0 and adds nothing, and the left-out bucket grows from ``m`` to ``m + D``. It is
+    ~D while D << m, so an id costs about its own probability; with ``m = 0`` nothing can be
+    dropped. Dropping goes on while the token's cost stays within ``budget`` nats and each drop
+    adds at most ``threshold`` nats (a drop saves about the same bytes whatever its probability,
+    so the cheapest KL is spent first across tokens, not just within one). At least one entry is
+    always kept.
+
+    Returns (keep [T, k] bool, cost [T] float64 nats).
+    """
+    p = np.asarray(probs, dtype=np.float64)
+    T, k = p.shape
+    if budget <= 0 or k == 0:
+        return np.ones((T, k), dtype=bool), np.zeros(T)
+    m = np.asarray(mass_left, dtype=np.float64)[:, None]
+    order = np.argsort(p, axis=1, kind="stable")  # ascending: the drop order
+    D = np.cumsum(np.take_along_axis(p, order, 1), axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        cost = np.where(D > 0, (m + D) * np.log1p(D / m), 0.0)
+        added = np.diff(cost, axis=1, prepend=0.0)  # inf - inf (m = 0) is nan: never dropped
+    ok = (cost <= budget) & (added <= threshold)
+    # Both the cost and what each drop adds grow along the ascending order: the droppable entries
+    # are a prefix of it.
+    n_drop = np.where(ok.all(1), k, np.argmax(~ok, axis=1))
+    n_drop = np.minimum(n_drop, k - 1)
+    place = np.empty_like(order)
+    np.put_along_axis(place, order, np.arange(k)[None, :].repeat(T, 0), 1)
+    keep = place >= n_drop[:, None]
+    spent = np.where(n_drop > 0, cost[np.arange(T), np.maximum(n_drop - 1, 0)], 0.0)
+    return keep, spent
 
 
 def build_id_table(id_arrays: Iterable[np.ndarray], vocab_size: int) -> np.ndarray:
@@ -127,13 +189,18 @@ def encode(
     mass_left=None,
     table: np.ndarray | None = None,
     kl_target: float = DEFAULT_KL_TARGET,
+    drop_fraction: float = DEFAULT_DROP_FRACTION,
 ) -> bytes:
     """Encode one chunk: ``ids`` [T, k] ints, ``probs`` [T, k] float32, ``mass_left`` [T] or None.
 
     ``mass_left`` defaults to ``1 - sum(probs)``; pass the teacher's own value (computed from the
     logits outside the top-k) to keep it exact when the top-k holds nearly all the mass. For
-    ``compact``, ``table`` is the shard's id table (`build_id_table`); without one, a table is built
-    from this chunk and embedded in the blob.
+    ``compact``: ``table`` is the shard's id table (`build_id_table`; without one, a table is built
+    from this chunk and embedded in the blob); ``kl_target`` is the mean KL(decoded || exact) per
+    token that dropping and quantization may cost together; adaptive k may spend up to
+    ``drop_fraction * kl_target`` of it on any one token, in drops of at most ``kl_target / 20``
+    each (`keep_mask`; ``drop_fraction = 0`` keeps all k ids). The quantization step is set per
+    chunk from what the dropping left of ``kl_target`` and the mean number of kept ids.
     """
     ids = np.asarray(ids)
     probs = np.asarray(probs, dtype=np.float32)
@@ -149,8 +216,12 @@ def encode(
     if encoding == "paper":
         return _encode_paper(ids, probs, vocab_size)
     if encoding == "compact":
+        if not kl_target > 0:
+            raise ValueError(f"kl_target must be positive, got {kl_target}")
+        if not 0 <= drop_fraction < 1:
+            raise ValueError(f"drop_fraction must be in [0, 1), got {drop_fraction}")
         mass = _mass_or_default(mass_left, probs)
-        return _encode_compact(ids.astype(np.int64), probs, mass, vocab_size, table, step_for(kl_target, k))
+        return _encode_compact(ids.astype(np.int64), probs, mass, vocab_size, table, kl_target, drop_fraction)
     raise ValueError(f"unknown encoding {encoding!r}; choose one of {', '.join(ENCODINGS)}")
 
 
@@ -164,6 +235,8 @@ def decode(blob: bytes, table: np.ndarray | None = None) -> Decoded:
         return _decode_paper(body, T, k)
     if enc == ENCODING_IDS["compact"]:
         return _decode_compact(body, flags, T, k, vocab_size, table)
+    if enc == _OLD_COMPACT:
+        raise ValueError("compact chunk of store format 1 (fixed k), which this famex no longer reads — regenerate the store")
     raise ValueError(f"unknown encoding id {enc} in chunk blob")
 
 
@@ -174,28 +247,76 @@ def blob_info(blob: bytes) -> dict:
     return {"encoding": names.get(enc, f"unknown({enc})"), "T": T, "k": k, "vocab_size": vocab_size}
 
 
-def kl_decoded_vs_exact(exact_ids, exact_probs, exact_mass, ids, probs, mass) -> np.ndarray:
-    """Per-token KL(exact || decoded) in nats over the k listed ids plus one bucket for the rest.
+# --- the KL metrics ------------------------------------------------------------------------
 
-    Both sides must list the same ids per token (in any order). With equal id sets this equals
-    the full-vocabulary KL under any common way of spreading the left-out mass, so it measures
-    the encoding's error alone, not the top-k truncation. Each side is first rescaled to sum to 1:
-    an fp32 softmax is off by ~1e-6 in total, which would otherwise show up as encoding error.
+
+def kl_decoded_vs_exact(exact_ids, exact_probs, exact_mass, ids, probs, mass) -> np.ndarray:
+    """Per-token ``D_KL(decoded || exact)`` in nats (the store's ``kl_decoded_vs_exact``).
+
+    Both distributions live on the exact token's k ids plus one tail bucket for every other id.
+    The exact side is (exact probs, exact left-out mass). The decoded side gives each exact id its
+    decoded probability, 0 for an id the decoded token does not list (adaptive k dropped it; its
+    mass is in the decoded left-out mass), and the tail bucket the decoded left-out mass. Each
+    side is rescaled to total 1 first: an fp32 softmax is off by ~1e-6 in total, which would
+    otherwise show up as encoding error. Decoded ids must be a subset of the exact ones (padding
+    slots, probability 0, are ignored). With equal id sets this equals the full-vocabulary KL
+    under any common spreading of the left-out mass: it measures the encoding, not the top-k.
     """
-    eo = np.argsort(exact_ids, axis=1, kind="stable")
-    do = np.argsort(ids, axis=1, kind="stable")
-    if not np.array_equal(np.take_along_axis(np.asarray(exact_ids), eo, 1), np.take_along_axis(np.asarray(ids), do, 1)):
-        raise ValueError("decoded ids differ from the exact ones; KL over k+1 buckets needs equal id sets")
-    p = np.take_along_axis(np.asarray(exact_probs, dtype=np.float64), eo, 1)
-    q = np.take_along_axis(np.asarray(probs, dtype=np.float64), do, 1)
-    pm, qm = np.asarray(exact_mass, np.float64), np.asarray(mass, np.float64)
-    ps, qs = p.sum(1) + pm, q.sum(1) + qm
-    p, pm = p / ps[:, None], pm / ps
-    q, qm = q / qs[:, None], qm / qs
+    p, pm, q, qm, _ = _aligned(exact_ids, exact_probs, exact_mass, ids, probs, mass)
+    return _kl_terms(q, p).sum(1) + _kl_terms(qm, pm)
+
+
+def kl_exact_vs_decoded(exact_ids, exact_probs, exact_mass, ids, probs, mass, vocab_size: int) -> np.ndarray:
+    """Per-token ``D_KL(exact || decoded)`` in nats, the other direction, over the same k + 1 buckets.
+
+    Here a dropped id needs a decoded probability, and the rule is the only one a reader has: the
+    decoded left-out mass is spread evenly over the ``vocab_size - k_t`` ids the decoded token
+    does not list. A dropped id gets ``mass / (V - k_t)``; the tail bucket (the ``V - k`` ids
+    outside the exact top-k) gets ``mass (V - k) / (V - k_t)``. A dropped id that stood far above
+    the average left-out probability costs several times its own mass in this direction.
+    """
+    p, pm, q, qm, listed = _aligned(exact_ids, exact_probs, exact_mass, ids, probs, mass)
+    T, k = p.shape
+    free = vocab_size - listed.sum(1).astype(np.float64)  # ids the decoded token does not list
+    each = np.divide(qm, free, out=np.zeros_like(qm), where=free > 0)
+    q = np.where(listed, q, each[:, None])
+    qm = each * (vocab_size - k)
     return _kl_terms(p, q).sum(1) + _kl_terms(pm, qm)
 
 
+def _aligned(exact_ids, exact_probs, exact_mass, ids, probs, mass):
+    """Both sides on the exact ids' order, each normalized to total 1; plus which ids are listed."""
+    eids = np.asarray(exact_ids, dtype=np.int64)
+    T, k = eids.shape
+    p = np.asarray(exact_probs, dtype=np.float64)
+    pm = np.asarray(exact_mass, dtype=np.float64)
+    dids = np.asarray(ids, dtype=np.int64)
+    dp = np.asarray(probs, dtype=np.float64)
+    qm = np.asarray(mass, dtype=np.float64)
+    real = dp > 0
+    # Place each listed decoded id at its exact slot: search the row's sorted exact ids, with the
+    # row number folded into the key so one flat searchsorted serves every row.
+    span = int(max(eids.max(initial=0), dids.max(initial=0))) + 1
+    order = np.argsort(eids, axis=1, kind="stable")
+    keys = (np.take_along_axis(eids, order, 1) + np.arange(T)[:, None] * span).ravel()
+    r, c = np.nonzero(real)
+    want = dids[r, c] + r * span
+    at = np.searchsorted(keys, want)
+    if len(want) and (at.max() >= len(keys) or not np.array_equal(keys[np.minimum(at, len(keys) - 1)], want)):
+        raise ValueError("the decoded distribution lists an id that is not in the exact top-k of its token")
+    q = np.zeros((T, k))
+    slot = order.ravel()[at] if len(want) else at
+    np.add.at(q, (r, slot), dp[r, c])
+    listed = np.zeros((T, k), dtype=bool)
+    listed[r, slot] = True
+    if T and listed.sum() != len(want):
+        raise ValueError("the decoded distribution lists the same id twice")
+    ps, qs = p.sum(1) + pm, q.sum(1) + qm
+    return p / ps[:, None], pm / ps, q / qs[:, None], qm / qs, listed
+
+
 def _kl_terms(p: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """Elementwise p ln(p / q), 0 where p = 0."""
     with np.errstate(divide="ignore", invalid="ignore"):
         t = p * (np.log(np.maximum(p, _KL_FLOOR)) - np.log(np.maximum(q, _KL_FLOOR)))
     return np.where(p > 0, t, 0.0)
@@ -231,13 +352,18 @@ def _groups(k: int) -> list[tuple[int, int]]:
     return [(bounds[i], bounds[i + 1]) for i in range(g)]
 
 
-def _contexts(mass: np.ndarray, k: int) -> tuple[list[np.ndarray], list[tuple[int, int]]]:
-    """Rows per left-out-mass bucket and the column groups: the (bucket, group) coding contexts."""
+def _bucket_rows(mass: np.ndarray) -> list[np.ndarray]:
+    """Positions per left-out-mass bucket (ascending): with the column groups, the coding contexts."""
     bucket = np.digitize(mass, _MASS_EDGES)
-    return [np.flatnonzero(bucket == b) for b in range(len(_MASS_EDGES) + 1)], _groups(k)
+    return [np.flatnonzero(bucket == b) for b in range(_N_BUCKETS)]
 
 
-def _encode_compact(ids, probs, mass, vocab_size, table, step) -> bytes:
+def _n_streams(k: int) -> int:
+    """mass (2), dropped counts (buckets + 3 escape planes), gaps and levels (buckets x groups + 3 each)."""
+    return 2 + (_N_BUCKETS + 3) + 2 * (_N_BUCKETS * len(_groups(k)) + 3)
+
+
+def _encode_compact(ids, probs, mass, vocab_size, table, kl_target, drop_fraction) -> bytes:
     T, k = ids.shape
     if vocab_size > _MAX_VOCAB:
         raise ValueError(f"the compact encoding supports vocabularies up to {_MAX_VOCAB}, got {vocab_size}")
@@ -250,34 +376,44 @@ def _encode_compact(ids, probs, mass, vocab_size, table, step) -> bytes:
     elif len(table) != vocab_size:
         raise ValueError(f"id table has {len(table)} entries for a vocabulary of {vocab_size}")
     rank = _inverse(table)[ids]
+    if T and (np.diff(np.sort(rank, axis=1), axis=1) == 0).any():
+        raise ValueError("a token lists the same id twice; top-k ids must be distinct")
+
+    p_all = probs.astype(np.float64)
+    keep, spent = keep_mask(p_all, mass, drop_fraction * kl_target, kl_target * _THRESHOLD_RATIO)
+    kept = keep.sum(1)
+    # Dropped entries sort after every kept one (rank >= vocab_size) and are cut off by `valid`.
+    rank = np.where(keep, rank, vocab_size + rank)
     order = np.argsort(rank, axis=1, kind="stable")
     rank = np.take_along_axis(rank, order, 1)
-    p = np.take_along_axis(probs, order, 1).astype(np.float64)
+    p = np.take_along_axis(p_all, order, 1)
+    valid = np.arange(k)[None, :] < kept[:, None]
     prev = np.concatenate([np.full((T, 1), -1, dtype=np.int64), rank[:, :-1]], 1)
-    gaps = rank - prev - 1
-    if T and gaps.min() < 0:
-        raise ValueError("a token lists the same id twice; top-k ids must be distinct")
-    levels = np.rint(np.sqrt(p) / step).astype(np.int64)
-    # The mass is quantized first: the decoder reads it first and derives the contexts from it.
-    code = _mass_code(mass)
-    rows, groups = _contexts(_mass_value(code), k)
+    gaps = np.where(valid, rank - prev - 1, 0)
+    # What the dropping left of the KL budget goes to the quantization, spread over the kept ids.
+    mean_kept = kept.mean() if T else float(k)
+    step = step_for(kl_target - (spent.mean() if T else 0.0), mean_kept)
+    levels = np.where(valid, np.rint(np.sqrt(p) / step), 0).astype(np.int64)
+    # The mass (with the dropped entries) is quantized first: the decoder reads it first and
+    # derives the contexts from it.
+    code = _mass_code(np.minimum(mass + np.where(keep, 0.0, p_all).sum(1), 1.0))
+    rows = _bucket_rows(_mass_value(code))
+    groups = _groups(k)
 
     # Level 0 (sqrt(p) below step/2) decodes to the mean of the exact probabilities it stands for,
     # per mass bucket: tiny for peaked tokens, larger for flat ones.
-    zero = np.array([_mean_or(p[r][levels[r] == 0], step * step / 12.0) for r in rows])
+    zero = np.array([_mean_or(p[r][valid[r] & (levels[r] == 0)], step * step / 12.0) for r in rows])
 
     streams = [(code >> 8).astype(np.uint8).tobytes(), (code & 0xFF).astype(np.uint8).tobytes()]
-    for values in (gaps, levels):
-        for r in rows:
-            for lo, hi in groups:
-                streams.append(np.minimum(values[r, lo:hi], 255).astype(np.uint8).tobytes())
-        streams.extend(_escape_planes(values))
+    streams += _value_streams((k - kept)[:, None], np.ones((T, 1), dtype=bool), rows, [(0, 1)])
+    streams += _value_streams(gaps, valid, rows, groups)
+    streams += _value_streams(levels, valid, rows, groups)
 
     frames = [_zc(s) if s else b"" for s in streams]
     out = [
         _BLOB_HEAD.pack(ENCODING_IDS["compact"], flags, T, k, vocab_size),
         struct.pack("<d", step),
-        struct.pack(f"<{len(zero)}d", *zero),
+        struct.pack(f"<{_N_BUCKETS}d", *zero),
     ]
     if flags & _FLAG_TABLE:
         out.append(struct.pack("<I", len(table_blob)) + table_blob)
@@ -288,9 +424,8 @@ def _encode_compact(ids, probs, mass, vocab_size, table, step) -> bytes:
 
 def _decode_compact(body: memoryview, flags, T, k, vocab_size, table) -> Decoded:
     (step,) = struct.unpack_from("<d", body, 0)
-    n_buckets = len(_MASS_EDGES) + 1
-    zero = np.array(struct.unpack_from(f"<{n_buckets}d", body, 8))
-    pos = 8 + 8 * n_buckets
+    zero = np.array(struct.unpack_from(f"<{_N_BUCKETS}d", body, 8))
+    pos = 8 + 8 * _N_BUCKETS
     if flags & _FLAG_TABLE:
         (n,) = struct.unpack_from("<I", body, pos)
         table = decode_id_table(bytes(body[pos + 4 : pos + 4 + n]), vocab_size)
@@ -304,28 +439,33 @@ def _decode_compact(body: memoryview, flags, T, k, vocab_size, table) -> Decoded
     for n in lengths:
         streams.append(_zd(body[pos : pos + n]) if n else b"")
         pos += n
-    groups = _groups(k)
-    n_ctx = (len(_MASS_EDGES) + 1) * len(groups)
-    if nframes != 2 + 2 * (n_ctx + 3) or pos != len(body):
+    if nframes != _n_streams(k) or pos != len(body):
         raise ValueError("compact chunk has an unexpected stream layout")
 
     code = (np.frombuffer(streams[0], np.uint8).astype(np.int64) << 8) | np.frombuffer(streams[1], np.uint8)
     if code.shape != (T,):
         raise ValueError("compact chunk's mass stream has the wrong length")
     mass = _mass_value(code)
-    rows, groups = _contexts(mass, k)
-    at = 2
-    gaps = _read_values(streams[at : at + n_ctx + 3], rows, groups, T, k)
+    rows = _bucket_rows(mass)
+    groups = _groups(k)
+    at, n_ctx = 2, _N_BUCKETS * len(groups)
+    dropped = _read_values(streams[at : at + _N_BUCKETS + 3], rows, [(0, 1)], np.ones((T, 1), dtype=bool))[:, 0]
+    at += _N_BUCKETS + 3
+    if T and dropped.max() >= k:
+        raise ValueError("compact chunk drops every entry of a token")
+    valid = np.arange(k)[None, :] < (k - dropped)[:, None]
+    gaps = _read_values(streams[at : at + n_ctx + 3], rows, groups, valid)
     at += n_ctx + 3
-    levels = _read_values(streams[at : at + n_ctx + 3], rows, groups, T, k)
+    levels = _read_values(streams[at : at + n_ctx + 3], rows, groups, valid)
 
-    rank = np.cumsum(gaps + 1, axis=1) - 1
-    if T and rank[:, -1].max() >= vocab_size:
+    rank = np.cumsum(np.where(valid, gaps + 1, 0), axis=1) - 1
+    if T and rank[valid].max() >= vocab_size:
         raise ValueError("compact chunk decodes to ids outside the vocabulary")
-    ids = np.asarray(table)[rank].astype(np.int32)
+    ids = np.where(valid, np.asarray(table)[np.clip(rank, 0, vocab_size - 1)], -1).astype(np.int32)
     rec = np.square(levels * step)
     for b, r in enumerate(rows):
         rec[r] = np.where(levels[r] == 0, zero[b], rec[r])
+    rec = np.where(valid, rec, 0.0)
     total = rec.sum(1)
     # A token whose entries all decode to 0 (only possible when its exact ones are all 0) keeps 0s.
     probs = rec * np.divide(1.0 - mass, total, out=np.zeros_like(total), where=total > 0)[:, None]
@@ -336,24 +476,35 @@ def _mean_or(values: np.ndarray, default: float) -> float:
     return float(values.mean()) if values.size else default
 
 
-def _escape_planes(values: np.ndarray) -> list[bytes]:
-    """Values >= 255 (marked 255 in the byte streams) as three byte planes of ``value - 255``."""
-    e = values[values >= 255].ravel() - 255  # row-major order
-    return [((e >> s) & 0xFF).astype(np.uint8).tobytes() for s in (0, 8, 16)]
+def _value_streams(values: np.ndarray, valid: np.ndarray, rows, groups) -> list[bytes]:
+    """One uint8 stream per (bucket rows, column group) of the valid entries, then 3 escape planes.
+
+    Values >= 255 are written as 255 and their ``value - 255`` goes, byte by byte, into three
+    planes, one byte per escape in row-major order of the valid entries.
+    """
+    out = []
+    for r in rows:
+        for lo, hi in groups:
+            out.append(np.minimum(values[r, lo:hi][valid[r, lo:hi]], 255).astype(np.uint8).tobytes())
+    e = values[valid & (values >= 255)] - 255
+    return out + [((e >> s) & 0xFF).astype(np.uint8).tobytes() for s in (0, 8, 16)]
 
 
-def _read_values(streams, rows, groups, T, k) -> np.ndarray:
-    out = np.empty((T, k), dtype=np.int64)
+def _read_values(streams, rows, groups, valid: np.ndarray) -> np.ndarray:
+    out = np.zeros(valid.shape, dtype=np.int64)
     i = 0
     for r in rows:
         for lo, hi in groups:
             a = np.frombuffer(streams[i], dtype=np.uint8)
             i += 1
-            if a.size != len(r) * (hi - lo):
+            sub = valid[r, lo:hi]
+            if a.size != int(sub.sum()):
                 raise ValueError("compact chunk stream has the wrong length")
-            out[r, lo:hi] = a.reshape(len(r), hi - lo)
+            block = np.zeros(sub.shape, dtype=np.int64)
+            block[sub] = a
+            out[r, lo:hi] = block
     planes = [np.frombuffer(s, dtype=np.uint8).astype(np.int64) for s in streams[i : i + 3]]
-    esc = out == 255
+    esc = valid & (out == 255)
     if any(p.size != int(esc.sum()) for p in planes):
         raise ValueError("compact chunk escape stream has the wrong length")
     out[esc] += planes[0] | (planes[1] << 8) | (planes[2] << 16)

@@ -44,7 +44,8 @@ from famex.teacher import codec
 from famex.utils import atomic_write_bytes, atomic_write_json, read_json, sha256_file
 
 MAGIC = b"FAMEXLGT"
-FORMAT_VERSION = 1
+#: 2: compact with adaptive k (per-token kept counts, padding on decode). 1 (fixed k) is refused.
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 PERMUTATION = "permutation.bin"
 #: Tokens per shard (the paper's groups of ~131k tokens); a shard holds whole chunks.
@@ -74,9 +75,9 @@ class StoreChunk:
     position: int  # place in store order
     data_index: int  # index of the chunk in the data split (`famex.data.packing.PackedChunks`)
     token_ids: torch.Tensor  # [T] int64, the inputs the teacher saw
-    ids: torch.Tensor  # [T, k] int64
-    probs: torch.Tensor  # [T, k] float32
-    mass_left: torch.Tensor  # [T] float32
+    ids: torch.Tensor  # [T, k] int64; -1 in padding slots (compact: adaptive k kept fewer ids)
+    probs: torch.Tensor  # [T, k] float32; 0 in padding slots
+    mass_left: torch.Tensor  # [T] float32: 1 - sum(probs), the dropped ids' mass included
 
 
 def shard_name(index: int) -> str:
@@ -113,6 +114,7 @@ def encode_shard(
     k: int,
     seq_len: int,
     kl_target: float = codec.DEFAULT_KL_TARGET,
+    drop_fraction: float = codec.DEFAULT_DROP_FRACTION,
     store_id: str | None = None,
     kl_chunks: int = KL_SAMPLE_CHUNKS,
 ) -> bytes:
@@ -120,8 +122,9 @@ def encode_shard(
 
     ``store_id`` (a hash of everything that decides the store's content) is written into the header
     so that resume never takes a shard of another store for one of this store. The header's
-    ``stats`` hold the shard's mean top-k mass and the encoding's KL, measured by decoding up to
-    ``kl_chunks`` of its chunks (evenly spaced) and comparing with the exact input.
+    ``stats`` hold the shard's mean top-k mass and, measured by decoding up to ``kl_chunks`` of
+    its chunks (evenly spaced) and comparing with the exact input, the encoding's KL in both
+    directions, the mass the decoded ids keep and their mean number (adaptive k).
     """
     if not chunks:
         raise ValueError("a shard needs at least one chunk")
@@ -142,6 +145,7 @@ def encode_shard(
     offset = 0
     if encoding == "compact":
         header["kl_target"] = float(kl_target)
+        header["drop_fraction"] = float(drop_fraction)
         # One id table per shard: built from every chunk in it, so it costs <1 byte/token.
         table = codec.build_id_table((c.ids for c in chunks), vocab_size)
         blob = codec.encode_id_table(table, codec.used_entries(table, (c.ids for c in chunks)))
@@ -158,7 +162,8 @@ def encode_shard(
             )
         tok = zstandard.ZstdCompressor(level=codec.ZSTD_LEVEL).compress(np.ascontiguousarray(token_ids, dtype="<u4").tobytes())
         logits = codec.encode(
-            c.ids, c.probs, vocab_size, encoding=encoding, mass_left=c.mass_left, table=table, kl_target=kl_target
+            c.ids, c.probs, vocab_size, encoding=encoding, mass_left=c.mass_left, table=table, kl_target=kl_target,
+            drop_fraction=drop_fraction,
         )
         records.append(
             {
@@ -174,26 +179,36 @@ def encode_shard(
         offset += len(tok) + len(logits)
     header["chunks"] = records
     header["payload_bytes"] = offset
-    header["stats"] = _shard_stats(chunks, logit_blobs, table, kl_chunks)
+    header["stats"] = _shard_stats(chunks, logit_blobs, table, kl_chunks, vocab_size)
     head = json.dumps(header, sort_keys=True, separators=(",", ":")).encode("utf-8")
     return _PREFIX.pack(MAGIC, FORMAT_VERSION, len(head), hashlib.sha256(head).digest()) + head + b"".join(payload)
 
 
-def _shard_stats(chunks, logit_blobs, table, kl_chunks) -> dict[str, Any]:
-    """Mean top-k mass over all positions; mean decoded-vs-exact KL over sampled chunks."""
+def _shard_stats(chunks, logit_blobs, table, kl_chunks, vocab_size) -> dict[str, Any]:
+    """Mean top-k mass over all positions; the decoded-vs-exact figures over sampled chunks."""
     mass = np.concatenate([_exact_mass(c) for c in chunks])
     sample = sorted({int(round(x)) for x in np.linspace(0, len(chunks) - 1, min(max(kl_chunks, 0), len(chunks)))})
-    kls = []
+    fwd, back, kept, n_kept = [], [], [], []
     for i in sample:
         c = chunks[i]
         dec = codec.decode(logit_blobs[i], table=table)
-        kls.append(codec.kl_decoded_vs_exact(c.ids, c.probs, _exact_mass(c), dec.ids, dec.probs, dec.mass_left))
-    kl = np.concatenate(kls) if kls else np.zeros(0)
+        exact = (c.ids, c.probs, _exact_mass(c), dec.ids, dec.probs, dec.mass_left)
+        fwd.append(codec.kl_decoded_vs_exact(*exact))
+        back.append(codec.kl_exact_vs_decoded(*exact, vocab_size))
+        kept.append(dec.probs.astype(np.float64).sum(1))
+        n_kept.append((dec.probs > 0).sum(1))
+
+    def mean(parts):
+        return float(np.concatenate(parts).mean()) if parts else None
+
     return {
         "positions": int(len(mass)),
         "mass_covered": float(1.0 - mass.mean()),
-        "kl_positions": int(len(kl)),
-        "kl_decoded_vs_exact": float(kl.mean()) if len(kl) else None,
+        "kl_positions": int(sum(len(x) for x in fwd)),
+        "kl_decoded_vs_exact": mean(fwd),
+        "kl_exact_vs_decoded": mean(back),
+        "mass_kept": mean(kept),
+        "mean_kept_k": mean(n_kept),
     }
 
 
@@ -284,6 +299,32 @@ def write_manifest(
     return manifest
 
 
+def refuse_other_format(store_dir: str | os.PathLike) -> None:
+    """Raise if ``store_dir`` holds a store (finished or not) of another format version.
+
+    Resume and "already complete" must never take an old store for a current one: its shards
+    would be skipped and then refused by every reader.
+    """
+    store_dir = Path(store_dir)
+    found = None
+    mpath = store_dir / MANIFEST
+    if mpath.is_file():
+        try:
+            found = read_json(mpath).get("format_version")
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            found = None
+    for path in sorted(store_dir.glob("shard-*.fxl"))[:1] if found is None else []:
+        with open(path, "rb") as f:
+            prefix = f.read(_PREFIX.size)
+        if len(prefix) == _PREFIX.size and prefix[:8] == MAGIC:
+            found = _PREFIX.unpack(prefix)[1]
+    if found is not None and found != FORMAT_VERSION:
+        raise FamexError(
+            f"{store_dir} holds a logit store of format version {found}; this famex writes version {FORMAT_VERSION} "
+            f"(compact with adaptive k) — delete {store_dir} or choose another --out, then rerun"
+        )
+
+
 # --- reading ---------------------------------------------------------------------------------
 
 
@@ -301,7 +342,9 @@ def parse_header(data: bytes | memoryview, name: str) -> tuple[dict[str, Any], i
     if magic != MAGIC:
         raise FamexError(f"{name}: not a famex logit shard (bad magic) — delete it and rerun `famex logits`")
     if version != FORMAT_VERSION:
-        raise FamexError(f"{name}: shard format version {version}, this famex reads {FORMAT_VERSION} — regenerate the store")
+        raise FamexError(
+            f"{name}: shard format version {version}, this famex reads {FORMAT_VERSION} — regenerate the store with `famex logits`"
+        )
     head = bytes(data[_PREFIX.size : _PREFIX.size + n])
     if len(head) != n or hashlib.sha256(head).digest() != digest:
         raise FamexError(f"{name}: header checksum mismatch — the shard is corrupt; delete it and rerun `famex logits`")
@@ -346,7 +389,8 @@ class LogitStore:
             raise FamexError(f"{mpath} is not a famex logit store manifest")
         if self.manifest.get("format_version") != FORMAT_VERSION:
             raise FamexError(
-                f"{self.dir}: store format version {self.manifest.get('format_version')}, this famex reads {FORMAT_VERSION} — regenerate it"
+                f"{self.dir}: store format version {self.manifest.get('format_version')}, this famex reads {FORMAT_VERSION} "
+                f"(version 2 added adaptive k to the compact encoding) — regenerate it with `famex logits` into a new --out"
             )
         self.encoding: str = self.manifest["encoding"]
         self.k: int = int(self.manifest["k"])
