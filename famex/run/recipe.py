@@ -52,7 +52,8 @@ STAGE_MODULES: dict[str, str] = {
     "eval": "famex.eval.stage",
     "report": "famex.report.stage",
 }
-SECTIONS = ("run", "teacher", "data", "logits", "distill", "student", "sft", "dpo", "quantize", "export", "eval", "report")
+SECTIONS = ("run", "teacher", "data", "logits", "distill", "student", "chat", "sft", "dpo", "quantize", "export", "eval",
+            "report")
 
 
 @dataclass
@@ -185,7 +186,47 @@ def load_recipe(path: str | Path, out: str | None = None) -> Recipe:
             config["logits"] = "none"
         student_nodes[sname] = add(Node(f"distill-{sname}", "distill", config, deps, {"student": sname, "objective": objective}))
 
-    for section in ("sft", "dpo", "quantize", "export", "eval"):
+    # -- post-training: chat data (+ the instruct teacher's logits over it), SFT, then DPO
+    instruct: dict[str, Node] = {}
+    chat_nodes: dict[str, Node] = {}
+    if "sft" in raw or "dpo" in raw:
+        chat_cfg = dict(raw.get("chat", {}))
+        chat_logits = chat_cfg.pop("logits", False)
+        chat_top_k = chat_cfg.pop("top_k", logits_cfg.get("top_k", 64))
+        if not chat_cfg.get("demo_chat") and not chat_cfg.get("input"):
+            raise FamexError(f"{where}: [sft]/[dpo] need chat data: set [chat] demo_chat = true or [chat] input = [CHAT.jsonl...]")
+        chat_cfg.setdefault("tokenizer", teacher["model"])
+        if not chat_cfg.get("demo_chat"):
+            chat_cfg["chat"] = True
+        chat_nodes["data"] = add(Node("data-chat", "data", {**chat_cfg, "out": str(root / "data-chat")}))
+        if chat_logits:
+            chat_nodes["logits"] = add(Node("logits-chat", "logits", {
+                **{k: v for k, v in logits_cfg.items() if k not in ("top_k",)}, "top_k": chat_top_k,
+                "teacher": teacher["model"], "data": chat_nodes["data"].config["out"], "split": "train",
+                "out": str(root / "logits-chat")}, deps=["data-chat"]))
+        sft_cfg = dict(raw.get("sft", {}))
+        sft_students = sft_cfg.pop("students", list(student_nodes)[:1])
+        dpo_cfg = dict(raw.get("dpo", {}))
+        dpo_students = dpo_cfg.pop("students", sft_students)
+        for sname in sft_students:
+            if sname not in student_nodes:
+                raise FamexError(f"{where}: [sft] students names {sname!r}, which is no [[student]] (have {', '.join(student_nodes)})")
+            deps = [f"distill-{sname}", "data-chat"]
+            config = {**sft_cfg, "model": student_nodes[sname].config["out"], "data": chat_nodes["data"].config["out"],
+                      "out": str(root / f"sft-{sname}")}
+            if "logits" in chat_nodes:
+                config["logits"] = chat_nodes["logits"].config["out"]
+                deps.append("logits-chat")
+            instruct[sname] = add(Node(f"sft-{sname}", "sft", config, deps, {"student": sname}))
+        if "dpo" in raw:
+            for sname in dpo_students:
+                if sname not in instruct:
+                    raise FamexError(f"{where}: [dpo] students names {sname!r}, which has no [sft] stage")
+                config = {**dpo_cfg, "model": instruct[sname].config["out"], "data": [chat_nodes["data"].config["out"]],
+                          "out": str(root / f"dpo-{sname}")}
+                instruct[sname] = add(Node(f"dpo-{sname}", "dpo", config, [f"sft-{sname}", "data-chat"], {"student": sname}))
+
+    for section in ("quantize", "export", "eval"):
         if section in raw and not stage_ready(section):
             log(f"famex run: [{section}] is planned in the recipe but this famex does not have the {section} stage yet; skipping it")
 
