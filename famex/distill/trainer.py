@@ -100,8 +100,8 @@ class TrainConfig:
     """Under torchrun: replicate the model (DDP) or shard it with FSDP2 fully_shard."""
     device: str = "auto"
     """auto, cpu, cuda."""
-    prefetch: int = 4
-    """Micro-batches prepared ahead by a background thread."""
+    prefetch: int = 2
+    """Optimizer steps whose micro-batches a background thread prepares ahead (0 = none)."""
 
 
 # Options that change speed or bookkeeping, not the weights a run ends with.
@@ -367,70 +367,74 @@ def train(
     lines_every = max(1, cfg.log_every)
     from famex.data.packing import IGNORE_INDEX
 
-    for step in range(start, iters):
-        batches = task.micro_batches(step, d.rank, d.world, cfg.micro_batch, accum)
-        count_fn = getattr(task, "count", None)
-        local_count = sum(count_fn(b) if count_fn else int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)
-        global_count = int(all_reduce_sum(torch.tensor(float(local_count), device=d.device), d).item())
-        denom = max(global_count, 1)
-        opt.zero_grad(set_to_none=True)
-        sums = torch.zeros(3, dtype=torch.float64)
-        for i, batch in enumerate(batches):
-            batch = _to_device(batch, d.device)
-            sync = i == len(batches) - 1
-            ctx = module.no_sync() if (d.world > 1 and cfg.parallel == "ddp" and not sync) else contextlib.nullcontext()
-            with ctx:
-                if cfg.parallel == "fsdp" and d.world > 1:
-                    module.set_requires_gradient_sync(sync)
-                with autocast:
-                    out_loss: LossOut = module(batch)
-                # DDP and FSDP average gradients over ranks; scaling by the world size turns that
-                # average back into the sum over all ranks' tokens, divided by the global count.
-                (out_loss.loss_sum * (d.world / denom)).backward()
-            sums += torch.tensor([out_loss.loss_sum.item(), out_loss.kl_sum.item(), out_loss.ce_sum.item()], dtype=torch.float64)
-        sums = all_reduce_sum(sums.to(d.device), d).cpu()
-        loss = sums[0].item() / denom
-        if not math.isfinite(loss):
-            last = checkpoint_dirs(out)
-            keep = f"; the last good checkpoint is {last[-1][1]}" if last else ""
-            raise FamexError(
-                f"non-finite loss ({loss}) at step {step + 1}: training stopped{keep} — lower --lr, raise "
-                "--warmup-fraction or check the data"
-            )
-        grad_norm = _clip(module, cfg.grad_clip)
-        opt.step()
-        sched.step()
-        tok_since += global_count
-        step_since += 1
-        done = step + 1
-        if bar is not None:
-            bar.update(1)
-        is_last = done == iters
-        eval_now = is_last or bool(cfg.eval_every and done % cfg.eval_every == 0)
-        if eval_now:
-            model.eval()
-            with torch.no_grad(), autocast:
-                last_val = task.validate(model, d.rank, d.world, cfg.eval_chunks)
-            model.train()
-        if done % lines_every == 0 or eval_now:
-            now = time.perf_counter()
-            record = {
-                "step": done, "loss": loss, "kl": sums[1].item() / denom, "ce": sums[2].item() / denom,
-                "lr": _lr_at(sched), "grad_norm": grad_norm, "tokens": done * global_batch * tokens_per_sequence,
-                "tokens_per_s": tok_since / max(now - t_last, 1e-9) if step_since else None,
-            }
+    ahead = _Prefetcher(lambda s: task.micro_batches(s, d.rank, d.world, cfg.micro_batch, accum), start, iters, cfg.prefetch)
+    try:
+        for step in range(start, iters):
+            batches = ahead.get(step)
+            count_fn = getattr(task, "count", None)
+            local_count = sum(count_fn(b) if count_fn else int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)
+            global_count = int(all_reduce_sum(torch.tensor(float(local_count), device=d.device), d).item())
+            denom = max(global_count, 1)
+            opt.zero_grad(set_to_none=True)
+            sums = torch.zeros(3, dtype=torch.float64)
+            for i, batch in enumerate(batches):
+                batch = _to_device(batch, d.device)
+                sync = i == len(batches) - 1
+                ctx = module.no_sync() if (d.world > 1 and cfg.parallel == "ddp" and not sync) else contextlib.nullcontext()
+                with ctx:
+                    if cfg.parallel == "fsdp" and d.world > 1:
+                        module.set_requires_gradient_sync(sync)
+                    with autocast:
+                        out_loss: LossOut = module(batch)
+                    # DDP and FSDP average gradients over ranks; scaling by the world size turns that
+                    # average back into the sum over all ranks' tokens, divided by the global count.
+                    (out_loss.loss_sum * (d.world / denom)).backward()
+                sums += torch.tensor([out_loss.loss_sum.item(), out_loss.kl_sum.item(), out_loss.ce_sum.item()], dtype=torch.float64)
+            sums = all_reduce_sum(sums.to(d.device), d).cpu()
+            loss = sums[0].item() / denom
+            if not math.isfinite(loss):
+                last = checkpoint_dirs(out)
+                keep = f"; the last good checkpoint is {last[-1][1]}" if last else ""
+                raise FamexError(
+                    f"non-finite loss ({loss}) at step {step + 1}: training stopped{keep} — lower --lr, raise "
+                    "--warmup-fraction or check the data"
+                )
+            grad_norm = _clip(module, cfg.grad_clip)
+            opt.step()
+            sched.step()
+            tok_since += global_count
+            step_since += 1
+            done = step + 1
+            if bar is not None:
+                bar.update(1)
+            is_last = done == iters
+            eval_now = is_last or bool(cfg.eval_every and done % cfg.eval_every == 0)
             if eval_now:
-                record.update({f"val_{k}": v for k, v in last_val.items()})
-            if d.main:
-                _append_log(out / LOG_FILE, record)
-                if bar is not None and not is_quiet():
-                    bar.set_postfix(loss=f"{loss:.3f}", lr=f"{record['lr']:.2e}")
-                if bar is None or bar.disable:
-                    log(" ".join(f"{k}={_fmt(v)}" for k, v in record.items()))
-            metrics = record
-            t_last, tok_since, step_since = now, 0, 0
-        if cfg.save_every and done % cfg.save_every == 0 and not is_last:
-            _save_checkpoint(module, opt, sched, cfg, d, out, done)
+                model.eval()
+                with torch.no_grad(), autocast:
+                    last_val = task.validate(model, d.rank, d.world, cfg.eval_chunks)
+                model.train()
+            if done % lines_every == 0 or eval_now:
+                now = time.perf_counter()
+                record = {
+                    "step": done, "loss": loss, "kl": sums[1].item() / denom, "ce": sums[2].item() / denom,
+                    "lr": _lr_at(sched), "grad_norm": grad_norm, "tokens": done * global_batch * tokens_per_sequence,
+                    "tokens_per_s": tok_since / max(now - t_last, 1e-9) if step_since else None,
+                }
+                if eval_now:
+                    record.update({f"val_{k}": v for k, v in last_val.items()})
+                if d.main:
+                    _append_log(out / LOG_FILE, record)
+                    if bar is not None and not is_quiet():
+                        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{record['lr']:.2e}")
+                    if bar is None or bar.disable:
+                        log(" ".join(f"{k}={_fmt(v)}" for k, v in record.items()))
+                metrics = record
+                t_last, tok_since, step_since = now, 0, 0
+            if cfg.save_every and done % cfg.save_every == 0 and not is_last:
+                _save_checkpoint(module, opt, sched, cfg, d, out, done)
+    finally:
+        ahead.close()
     if bar is not None:
         bar.close()
     final = {"steps": iters, "train_loss": metrics.get("loss"), "train_kl": metrics.get("kl"),
@@ -442,6 +446,33 @@ def train(
         model_sd, _ = _full_state(module, opt, cfg, d)
         return TrainResult(iters, final, _gathered_model(model, model_sd))
     return TrainResult(iters, final, _unwrap(module))
+
+
+class _Prefetcher:
+    """Builds the micro-batches of the next steps in a background thread (store reads and decoding
+    release the GIL) while the current step computes; results are exactly those of a direct call."""
+
+    def __init__(self, fn: Callable[[int], list], start: int, stop: int, depth: int):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.fn, self.stop, self.depth = fn, stop, depth
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="famex-batches") if depth > 0 else None
+        self.pending: dict[int, Any] = {}
+        self.next = start
+
+    def get(self, step: int) -> list:
+        if self.pool is None:
+            return self.fn(step)
+        while self.next < min(step + 1 + self.depth, self.stop):
+            self.pending[self.next] = self.pool.submit(self.fn, self.next)
+            self.next += 1
+        return self.pending.pop(step).result()
+
+    def close(self) -> None:
+        if self.pool is not None:
+            for f in self.pending.values():
+                f.cancel()
+            self.pool.shutdown(wait=True)
 
 
 def _gathered_model(model, state_dict):
