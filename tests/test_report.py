@@ -312,14 +312,14 @@ def test_partial_tree_lists_skipped_sections(tmp_path):
     out = report(ReportConfig(run_dir=str(root), out=str(tmp_path / "report")))
     md = (out / "report.md").read_text()
     metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics["skipped"]) == {"Pareto front", "Quantization ablation", "Weight averaging", "Cost",
+    assert set(metrics["skipped"]) == {"Pareto front", "Quantization ablation", "Weight averaging",
                                        "All evaluated models"}
     assert all(why and "could not be built" not in why for why in metrics["skipped"].values())
     assert "**Skipped sections**" in md
     assert "- Pareto front: no complete `famex eval` stage" in md
     assert "- `distill-m`: status running" in md
     assert "- `eval-broken`: meta.json:" in md
-    assert metrics["sections"] == ["Training curves", "Logit store"]
+    assert metrics["sections"] == ["Training curves", "Logit store", "Cost"]
     assert "No CE-only twin" in md
     assert json.loads((out / "summary.json").read_text()) == []
 

@@ -6,9 +6,13 @@
 - `footprint`: `model_size`, `bits_per_weight`, `throughput`.
 - `cost`: FLOPs per stage under the paper's and the usual convention (`stage_cost`,
   `family_cost`, `apertus_v11_cost`, `format_cost_table`).
+- `runtime`: opening any model famex makes as it is deployed (BF16, GGUF, famex-quantized with
+  activation quantization, compressed-tensors, MLX through mlx-lm) and its size as deployed.
+- `stage`: the ``famex eval`` stage (validation loss, few-shot, size, speed, identity → metrics.json).
+- `costcli`: the ``famex cost`` command (`cost_document` of a recipe or a run directory).
 
-Importing this package is cheap: torch, datasets and lm-eval are imported where they are used.
-Validation loss on the packed val split is not here yet (it needs ``famex.data``'s loader).
+Importing this package is cheap: torch, datasets and lm-eval are imported where they are used;
+`stage`, `costcli` and `runtime` are imported by name, not from here.
 """
 
 from famex.eval.cost import apertus_v11_cost, family_cost, format_cost_table, gptq_cost, stage_cost

@@ -125,7 +125,7 @@ def load_recipe(path: str | Path, out: str | None = None) -> Recipe:
     teacher = raw.get("teacher")
     if not teacher or "model" not in teacher:
         raise FamexError(f"{where}: [teacher] model is missing — name the teacher (\"default\", a .gguf file or a model directory)")
-    _check("teacher", teacher, {"model", "pretraining_tokens"}, where)
+    _check("teacher", teacher, {"model", "pretraining_tokens", "preset"}, where)
     nodes: list[Node] = []
     by_name: dict[str, Node] = {}
 
@@ -308,7 +308,16 @@ def main(args: argparse.Namespace) -> int:
     nodes = select(recipe.nodes, args.only, args.start)
     if args.dry_run:
         print_plan(recipe, nodes)
+        from famex.eval.costcli import cost_document, format_document
+
+        print()
+        print(format_document(cost_document(recipe)))
         return 0
+    recipe.out.mkdir(parents=True, exist_ok=True)
+    # The recipe travels with its run: `famex cost RUN_DIR` and the report read it back.
+    from famex.utils import atomic_write_bytes
+
+    atomic_write_bytes(recipe.out / "recipe.toml", recipe.path.read_bytes())
     if recipe.minutes:
         log(f"famex run: {recipe.name} — expected to take about {recipe.minutes:g} minutes on 2 CPU cores")
     execute(recipe, nodes)
