@@ -226,9 +226,42 @@ def load_recipe(path: str | Path, out: str | None = None) -> Recipe:
                           "out": str(root / f"dpo-{sname}")}
                 instruct[sname] = add(Node(f"dpo-{sname}", "dpo", config, [f"sft-{sname}", "data-chat"], {"student": sname}))
 
-    for section in ("quantize", "export", "eval"):
+    for section in ("quantize", "export"):
         if section in raw and not stage_ready(section):
             log(f"famex run: [{section}] is planned in the recipe but this famex does not have the {section} stage yet; skipping it")
+
+    # -- evaluation: every model of the family; quantized variants against their BF16 source
+    if "eval" in raw:
+        ev = dict(raw["eval"])
+        fewshot_for = ev.pop("fewshot", "instruct")
+        if fewshot_for not in ("all", "instruct", "none"):
+            raise FamexError(f"{where}: [eval] fewshot must be \"all\", \"instruct\" or \"none\", not {fewshot_for!r}")
+        with_teacher = ev.pop("teacher", True)
+        tasks = ev.pop("tasks", [])
+        for key in ("model", "out", "data", "reference", "name"):
+            if key in ev:
+                raise FamexError(f"{where}: [eval] {key} is set per model by the run; remove it")
+        evals: dict[str, Node] = {}
+
+        def add_eval(target: Node | None, model: str, kind: str, deps: list[str], reference: str = "") -> None:
+            name = f"eval-{target.name if target else 'teacher'}"
+            config = {**ev, "model": model, "data": data_dir, "out": str(root / name)}
+            if fewshot_for == "all" or kind in ("teacher", "instruct") and fewshot_for != "none":
+                config["tasks"] = tasks
+            if reference:
+                config["reference"] = reference
+            if target is None:
+                config["name"] = "teacher"
+                config.setdefault("tokenizer", str(Path(data_dir) / "tokenizer"))
+            evals[name] = add(Node(name, "eval", config, deps, {"kind": kind}))
+
+        if with_teacher:
+            add_eval(None, teacher["model"], "teacher", ["data"])
+        for node in list(nodes):
+            if node.stage == "distill":
+                add_eval(node, node.config["out"], "base", [node.name])
+            elif node.stage in ("sft", "dpo") and instruct.get(node.info["student"]) is node:
+                add_eval(node, node.config["out"], "instruct", [node.name])
 
     # -- report: last, over everything above
     report_cfg = dict(raw.get("report", {}))
