@@ -205,13 +205,27 @@ def test_stores_of_another_format_version_are_refused(tmp_path):
 def test_shard_stats_report_both_kl_directions_and_adaptive_k(tmp_path):
     out, chunks, perm = build(tmp_path)
     stats = store.read_header(out / "shard-00000.fxl")["stats"]
-    sample = [chunks[int(j)] for j in perm[0:4]]
-    assert stats["kl_positions"] == 4 * T
+    shard = [chunks[int(j)] for j in perm[0:4]]  # 4 chunks: all of them are the KL sample too
+    assert stats["positions"] == stats["kl_positions"] == 4 * T
     assert 0 < stats["kl_decoded_vs_exact"] < 1e-3 and stats["kl_exact_vs_decoded"] > 0
     target = codec.DEFAULT_KL_TARGET
-    keeps = [codec.keep_mask(c.probs, c.mass_left, codec.DEFAULT_DROP_FRACTION * target, target / 20)[0] for c in sample]
+    keeps = [codec.keep_mask(c.probs, c.mass_left, codec.DEFAULT_DROP_FRACTION * target, target / 20)[0] for c in shard]
     assert stats["mean_kept_k"] == pytest.approx(np.mean([kp.sum(1).mean() for kp in keeps])) and stats["mean_kept_k"] < K
-    kept_mass = float(np.mean([np.where(kp, c.probs.astype(np.float64), 0).sum(1).mean() for kp, c in zip(keeps, sample)]))
+    kept_mass = float(np.mean([np.where(kp, c.probs.astype(np.float64), 0).sum(1).mean() for kp, c in zip(keeps, shard)]))
     # the decoded mass is on a log grid (relative error <= 0.07% of the left-out mass)
     assert stats["mass_kept"] == pytest.approx(kept_mass, abs=1e-3 * (1 - kept_mass))
-    assert stats["mass_covered"] == pytest.approx(np.mean([1 - chunks[int(j)].mass_left.mean() for j in perm[0:4]]))
+    assert stats["mass_covered"] == pytest.approx(np.mean([1 - c.mass_left.mean() for c in shard]))
+    paper, _, _ = build(tmp_path, encoding="paper")
+    pstats = store.read_header(paper / "shard-00000.fxl")["stats"]
+    assert pstats["mean_kept_k"] == K and pstats["mass_kept"] == pytest.approx(pstats["mass_covered"], abs=1e-6)
+
+
+def test_kept_summary_reads_only_what_it_needs_and_agrees_with_decode():
+    c = make_chunk(0, 10)  # 4 of its positions drop ids at the defaults
+    for fraction in (0.0, 0.9):
+        blob = codec.encode(c.ids, c.probs, V, mass_left=c.mass_left, drop_fraction=fraction)
+        dec = codec.decode(blob)
+        kept, mass = codec.kept_summary(blob)
+        assert np.array_equal(kept, (dec.probs > 0).sum(1))
+        assert np.allclose(mass, dec.mass_left, rtol=1e-6)
+    assert (kept < K).any()

@@ -41,8 +41,8 @@ def full_vocab(exact_ids, exact_probs, exact_mass, ids, probs, mass, vocab, t, s
     """
     exact = dict(zip(exact_ids[t].tolist(), map(float, exact_probs[t])))
     listed = {int(i): float(q) for i, q in zip(ids[t], probs[t]) if q > 0}
-    rest = [i for i in range(vocab) if i not in exact]
-    p = [exact.get(i, float(exact_mass[t]) / len(rest) if i in set(rest) else 0.0) for i in range(vocab)]
+    rest = vocab - len(exact)
+    p = [exact[i] if i in exact else float(exact_mass[t]) / rest for i in range(vocab)]
     over = spread_decoded_over(set(listed), set(exact))
     q = [listed.get(i, float(mass[t]) / len(over) if i in over else 0.0) for i in range(vocab)]
     sp, sq = sum(p), sum(q)

@@ -240,6 +240,35 @@ def decode(blob: bytes, table: np.ndarray | None = None) -> Decoded:
     raise ValueError(f"unknown encoding id {enc} in chunk blob")
 
 
+def kept_summary(blob: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """Per position of a chunk blob: how many ids it lists and its decoded left-out mass.
+
+    For compact blobs only the mass and dropped-count streams are decompressed (a few bytes per
+    position), so a writer can report adaptive k over every position cheaply; other blobs are
+    decoded whole.
+    """
+    enc, flags, T, k, vocab_size = _BLOB_HEAD.unpack_from(blob, 0)
+    if enc != ENCODING_IDS["compact"]:
+        dec = decode(blob)
+        return (dec.probs > 0).sum(1), dec.mass_left.astype(np.float64)
+    body = memoryview(blob)[_BLOB_HEAD.size :]
+    pos = 8 + 8 * _N_BUCKETS
+    if flags & _FLAG_TABLE:
+        pos += 4 + struct.unpack_from("<I", body, pos)[0]
+    (nframes,) = struct.unpack_from("<I", body, pos)
+    lengths = struct.unpack_from(f"<{nframes}I", body, pos + 4)
+    pos += 4 + 4 * nframes
+    need = 2 + _N_BUCKETS + 3
+    streams = []
+    for n in lengths[:need]:
+        streams.append(_zd(body[pos : pos + n]) if n else b"")
+        pos += n
+    code = (np.frombuffer(streams[0], np.uint8).astype(np.int64) << 8) | np.frombuffer(streams[1], np.uint8)
+    mass = _mass_value(code)
+    dropped = _read_values(streams[2:need], _bucket_rows(mass), [(0, 1)], np.ones((T, 1), dtype=bool))[:, 0]
+    return k - dropped, mass
+
+
 def blob_info(blob: bytes) -> dict:
     """Encoding, T, k and vocabulary size from a blob's head, without decoding it."""
     enc, flags, T, k, vocab_size = _BLOB_HEAD.unpack_from(blob, 0)

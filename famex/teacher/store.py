@@ -122,9 +122,9 @@ def encode_shard(
 
     ``store_id`` (a hash of everything that decides the store's content) is written into the header
     so that resume never takes a shard of another store for one of this store. The header's
-    ``stats`` hold the shard's mean top-k mass and, measured by decoding up to ``kl_chunks`` of
-    its chunks (evenly spaced) and comparing with the exact input, the encoding's KL in both
-    directions, the mass the decoded ids keep and their mean number (adaptive k).
+    ``stats`` hold, over all positions, the mean exact top-k mass, the mean mass the decoded ids
+    keep and their mean number (adaptive k); and, measured by decoding up to ``kl_chunks`` of its
+    chunks (evenly spaced) and comparing with the exact input, the encoding's KL in both directions.
     """
     if not chunks:
         raise ValueError("a shard needs at least one chunk")
@@ -179,36 +179,37 @@ def encode_shard(
         offset += len(tok) + len(logits)
     header["chunks"] = records
     header["payload_bytes"] = offset
-    header["stats"] = _shard_stats(chunks, logit_blobs, table, kl_chunks, vocab_size)
+    header["stats"] = _shard_stats(chunks, logit_blobs, table, kl_chunks, vocab_size, encoding)
     head = json.dumps(header, sort_keys=True, separators=(",", ":")).encode("utf-8")
     return _PREFIX.pack(MAGIC, FORMAT_VERSION, len(head), hashlib.sha256(head).digest()) + head + b"".join(payload)
 
 
-def _shard_stats(chunks, logit_blobs, table, kl_chunks, vocab_size) -> dict[str, Any]:
-    """Mean top-k mass over all positions; the decoded-vs-exact figures over sampled chunks."""
+def _shard_stats(chunks, logit_blobs, table, kl_chunks, vocab_size, encoding) -> dict[str, Any]:
+    """Masses and kept counts over all positions; the decoded-vs-exact KLs over sampled chunks."""
     mass = np.concatenate([_exact_mass(c) for c in chunks])
+    if encoding == "compact":  # from the mass and count streams alone
+        kept, left = zip(*(codec.kept_summary(b) for b in logit_blobs))
+        kept_mass = 1.0 - np.concatenate(left)
+    else:  # paper lists every id and decodes to exactly the fp32 probabilities it was given
+        kept = [np.full(len(c.ids), np.shape(c.ids)[1]) for c in chunks]
+        kept_mass = np.concatenate([np.asarray(c.probs, dtype=np.float64).sum(1) for c in chunks])
     sample = sorted({int(round(x)) for x in np.linspace(0, len(chunks) - 1, min(max(kl_chunks, 0), len(chunks)))})
-    fwd, back, kept, n_kept = [], [], [], []
+    fwd, back = [], []
     for i in sample:
         c = chunks[i]
         dec = codec.decode(logit_blobs[i], table=table)
         exact = (c.ids, c.probs, _exact_mass(c), dec.ids, dec.probs, dec.mass_left)
         fwd.append(codec.kl_decoded_vs_exact(*exact))
         back.append(codec.kl_exact_vs_decoded(*exact, vocab_size))
-        kept.append(dec.probs.astype(np.float64).sum(1))
-        n_kept.append((dec.probs > 0).sum(1))
-
-    def mean(parts):
-        return float(np.concatenate(parts).mean()) if parts else None
-
+    kl_positions = int(sum(len(x) for x in fwd))
     return {
         "positions": int(len(mass)),
         "mass_covered": float(1.0 - mass.mean()),
-        "kl_positions": int(sum(len(x) for x in fwd)),
-        "kl_decoded_vs_exact": mean(fwd),
-        "kl_exact_vs_decoded": mean(back),
-        "mass_kept": mean(kept),
-        "mean_kept_k": mean(n_kept),
+        "mass_kept": float(kept_mass.mean()),
+        "mean_kept_k": float(np.concatenate(kept).mean()),
+        "kl_positions": kl_positions,
+        "kl_decoded_vs_exact": float(np.concatenate(fwd).mean()) if kl_positions else None,
+        "kl_exact_vs_decoded": float(np.concatenate(back).mean()) if kl_positions else None,
     }
 
 
