@@ -1,0 +1,351 @@
+"""`famex quantize`: RTN, GPTQ or QAD of a model directory into a quantized-model directory.
+
+- ``--method rtn|gptq``: `famex.quant.model.quantize_model` (optionally with norm fusion). GPTQ,
+  and NVFP4 W4A4's static activation scales, calibrate on ``--calib-tokens`` tokens of packed
+  chunks of a `famex data` directory (``--calib``), cross-document attention masked as in
+  training. GPTQ defaults to activation order with static groups (measured best at every format
+  on the 135M teacher, bench/RESULTS.md).
+- ``--method qad``: quantization-aware distillation (`famex.quant.qad`) against a `famex logits`
+  store over ``--data``'s train split, through the shared trainer (checkpoints, exact resume,
+  torchrun DDP, log.jsonl), from an RTN or GPTQ start (``--init``).
+
+The output directory is the `famex.quant.checkpoint` layout at its top level (config.json,
+model.safetensors with the on-grid weights, tokenizer, quantization.json, qparams.safetensors),
+which `famex export` and `famex eval` read, plus meta.json / metrics.json (and for QAD
+checkpoints/ and log.jsonl). Refused before anything is written: an unknown format (the valid
+names are listed), a model already quantized, group sizes the model's shapes cannot take, and
+calibration data, logit stores or data made with another tokenizer than the model's.
+
+What this module does not do: the maths (`famex.quant.*`), training (`famex.distill.trainer`),
+or export.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from famex.config import add_config_arguments, resolve_config
+from famex.distill.trainer import TRAIN_IDENTITY_EXCLUDE, TrainConfig
+from famex.errors import FamexError
+from famex.quant.formats import QuantFormat, parse_format
+from famex.utils import log
+
+METHODS = ("rtn", "gptq", "qad")
+CALIBRATION_TOKENS = 128 * 2048
+"""GPTQ's usual calibration budget (128 sequences of 2048 tokens), also `famex.eval.cost`'s assumption."""
+CALIBRATION_ROWS = 4
+"""Chunks per calibration forward (memory only: GPTQ sums its Hessians over all of them)."""
+
+
+@dataclass
+class QuantizeConfig(TrainConfig):
+    """`famex quantize` options; the training options (inherited) apply to ``--method qad`` only."""
+
+    model: str = ""
+    """The model to quantize: a model directory (famex distill / sft / dpo / average output), a .gguf file or 'default'."""
+    format: str = ""
+    """Target format: a preset (int2 int3 int4 int5 int6 int8 int4-w4a16 int8-w8a16 fp8 nvfp4 nvfp4a16) or a parametric name (int3-g128, int4-ch-sym)."""
+    method: str = ""
+    """rtn (round to nearest), gptq, or qad (quantization-aware distillation; needs --logits and --data)."""
+    norm_fusion: bool = False
+    """Equalize the input-column norms of q/k/v and up (gate/up) into the preceding RMSNorms first."""
+    calib: str = ""
+    """rtn / gptq: a famex data directory whose train chunks calibrate GPTQ and NVFP4 W4A4 activation scales (qad uses --data)."""
+    calib_tokens: int = CALIBRATION_TOKENS
+    """Calibration tokens (whole chunks, drawn across the train split by --seed); all of the split if it is smaller."""
+    act_order: bool = True
+    """GPTQ: quantize columns in decreasing Hessian-diagonal order (static groups keep the stored layout)."""
+    damp: float = 0.01
+    """GPTQ: dampening added to the Hessian diagonal, relative to its mean."""
+    logits: str = ""
+    """qad: the teacher's `famex logits` store over --data's train split (the unquantized model itself or a larger family member)."""
+    val_logits: str = ""
+    """qad: optional store over --data's val split: validation then reports KL to the teacher too."""
+    data: str = ""
+    """qad: the famex data directory the store was made from (train split trains, val split validates)."""
+    init: Literal["rtn", "gptq"] = "rtn"
+    """qad: the quantization QAD starts from."""
+    tokens: int = 100_000_000
+    """qad: training tokens (the paper's ≈100M; --iters, when given, wins)."""
+    tail: Literal["renormalize", "bucket"] = "bucket"
+    """qad: teacher mass outside the stored top-k: one extra outcome (bucket), or renormalize the top-k (see famex.quant.qad)."""
+    learn_scales: bool = False
+    """qad: train the scales (and MLX biases) too, with the LSQ gradient, instead of keeping the start's."""
+    out: str = ""
+    """Output directory: the quantized model (config.json, model.safetensors, quantization.json, qparams.safetensors), meta.json, metrics.json; qad adds checkpoints/ and log.jsonl."""
+    iters: int | None = None
+    """qad: optimizer steps (default: --tokens / (global batch × sequence length))."""
+    seed: int = 0
+    """Seed of the calibration sample (which chunks calibrate GPTQ and NVFP4 activation scales)."""
+    # The paper's QAD optimizer: AdamW with a cosine schedule.
+    optimizer: Literal["ademamix", "adamw"] = "adamw"
+    """qad: AdamW (the paper's QAD optimizer) or AdEMAMix."""
+    schedule: Literal["wsd", "cosine", "constant"] = "cosine"
+    """qad: learning-rate schedule (the paper's QAD: cosine)."""
+    weight_decay: float = 0.0
+    """qad: decoupled weight decay (0: decay would pull latent weights off the grid the start chose)."""
+    lr: float | None = None
+    """qad: peak learning rate (default: a tenth of the peak LR the model was trained with, from its meta.json)."""
+    global_batch: int | None = None
+    """qad: sequences per step (default: the global batch the model was trained with, from its meta.json)."""
+
+    def validate(self) -> None:
+        if not self.out:
+            raise FamexError("--out DIR is required")
+        if not self.model:
+            raise FamexError("--model DIR is required (a model directory, a .gguf file or 'default')")
+        if not self.format:
+            raise FamexError("--format NAME is required; " + _format_list())
+        if self.method not in METHODS:
+            raise FamexError(f"--method must be one of {', '.join(METHODS)}" + (f", not {self.method!r}" if self.method else ""))
+        parse_format(self.format)
+        if self.method == "qad":
+            missing = [o for o, v in (("--logits STORE_DIR", self.logits), ("--data DATA_DIR", self.data)) if not v]
+            if missing:
+                raise FamexError(f"--method qad needs {' and '.join(missing)}: QAD distils from a famex logits store over a famex data directory")
+            if self.calib:
+                raise FamexError("--calib is for rtn / gptq; QAD calibrates its start on --data")
+            if self.tokens < 1:
+                raise FamexError(f"--tokens must be positive, not {self.tokens}")
+        elif self.logits or self.data or self.val_logits:
+            raise FamexError(f"--logits / --val-logits / --data are for --method qad; {self.method} calibrates on --calib DATA_DIR")
+        if self.calib_tokens < 1:
+            raise FamexError(f"--calib-tokens must be positive, not {self.calib_tokens}")
+
+
+def _format_list() -> str:
+    from famex.quant.formats import format_names
+
+    return "presets: " + ", ".join(format_names()) + " (or parametric names such as int3-g128, int4-ch-sym)"
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser, QuantizeConfig)
+
+
+def main(args: argparse.Namespace) -> int:
+    cfg = resolve_config(QuantizeConfig, args)
+    quantize_stage(cfg)
+    return 0
+
+
+# --------------------------------------------------------------------------- checks shared with QAD
+
+
+def resolve_format(cfg: QuantizeConfig) -> QuantFormat:
+    return parse_format(cfg.format)
+
+
+def check_model(spec: str):
+    """The `ModelSpec` of ``--model``, refusing a model that is already quantized."""
+    from famex.models import resolve_model_spec
+    from famex.quant.checkpoint import is_quantized
+    from famex.quant.model import QUANT_MARKER
+    from famex.utils import read_json
+
+    ms = resolve_model_spec(spec)
+    if ms.kind == "hf":
+        config = read_json(ms.path / "config.json")
+        mark = config.get(QUANT_MARKER)
+        if is_quantized(ms.path) or mark:
+            what = f" ({mark.get('format')} by {mark.get('method')})" if isinstance(mark, dict) else ""
+            raise FamexError(
+                f"{ms.path} is already quantized{what}; quantize the unquantized model instead — quantizing twice compounds the error"
+            )
+        if config.get("quantization_config") or config.get("quantization"):
+            raise FamexError(f"{ms.path} holds an exported or otherwise quantized checkpoint; quantize an unquantized (bf16/fp32) model")
+    return ms
+
+
+def check_shapes(spec, fmt: QuantFormat) -> None:
+    """`FamexError` when a target linear's input features do not fit the format's groups, checked on the meta device."""
+    from transformers import AutoModelForCausalLM
+
+    from famex.models import _config_from_dir
+    from famex.quant.model import _check_groups, target_modules
+
+    config = _config_from_dir(spec.path)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    _check_groups(skeleton, target_modules(skeleton), fmt)
+
+
+def has_split(chunks, split: str) -> bool:
+    s = chunks.data.meta["splits"].get(split)
+    return bool(s and s["tokens"] > chunks.seq_len)
+
+
+def _has_tokenizer(path: Path) -> bool:
+    return (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file()
+
+
+def check_tokenizer(spec, chunks, store_dir: str = ""):
+    """The tokenizer to save with the output; `FamexError` if the model's differs from the data's (or the store's).
+
+    A model directory without tokenizer files takes the data's (then only the vocabulary sizes
+    can be compared, which `quantize_model` and the QAD stage do).
+    """
+    from famex.data.prepare import tokenizer_hash
+    from famex.models import load_tokenizer
+
+    if spec.kind == "hf" and not _has_tokenizer(spec.path):
+        return load_tokenizer(chunks.data.dir / "tokenizer")
+    tokenizer = load_tokenizer(spec)
+    mine = tokenizer_hash(tokenizer)
+    if store_dir:
+        from famex.utils import read_json
+
+        manifest = Path(store_dir) / "manifest.json"
+        theirs = read_json(manifest).get("tokenizer_hash") if manifest.is_file() else None
+        if theirs and theirs != mine:
+            raise FamexError(
+                f"logit store {store_dir} was made with another tokenizer than the model {spec.path} — the teacher and the "
+                "model must share one tokenizer; make the store with `famex logits` over data tokenized with the model's tokenizer"
+            )
+    if mine != chunks.tokenizer_hash:
+        raise FamexError(
+            f"{chunks.data.dir} was tokenized with another tokenizer than the model {spec.path} (tokenizer hash "
+            f"{chunks.tokenizer_hash[:12]} vs {mine[:12]}) — prepare it with the model's: famex data --tokenizer {spec.path} ..."
+        )
+    return tokenizer
+
+
+def needs_calibration(fmt: QuantFormat, method: str) -> bool:
+    return method == "gptq" or fmt.activations == "nvfp4"
+
+
+def calibration_batches(chunks, tokens: int, seed: int = 0, rows: int = CALIBRATION_ROWS) -> list[dict[str, torch.Tensor]]:
+    """``tokens`` worth of whole chunks, drawn across the split in the seeded chunk order, as model inputs.
+
+    Each batch holds ``input_ids``, restarted ``position_ids`` and the block-diagonal causal
+    ``attention_mask`` of packed documents (what `quantize_model` takes).
+    """
+    import math
+
+    from famex.data.packing import chunk_permutation, collate, model_inputs
+
+    n = min(len(chunks), max(1, math.ceil(tokens / chunks.seq_len)))
+    if n == 0:
+        raise FamexError(f"{chunks.data.dir}: the {chunks.split} split holds no complete chunk of {chunks.seq_len} tokens to calibrate on")
+    if n < math.ceil(tokens / chunks.seq_len):
+        log(f"quantize: calibrating on all {n * chunks.seq_len} tokens of {chunks.data.dir} ({tokens} asked)")
+    order = chunk_permutation(len(chunks), seed)[:n]
+    return [model_inputs(collate([chunks[int(i)] for i in order[j:j + rows]]), "sdpa") for j in range(0, n, rows)]
+
+
+def gptq_options(cfg: QuantizeConfig) -> dict[str, Any]:
+    return {"act_order": cfg.act_order, "damp": cfg.damp}
+
+
+def _training_meta(spec) -> dict[str, Any]:
+    from famex.stage import read_meta
+
+    if spec.kind != "hf":
+        return {}
+    meta = read_meta(spec.path) or {}
+    return meta if meta.get("stage") in ("distill", "sft", "dpo") else {}
+
+
+def qad_batch_and_lr(cfg: QuantizeConfig, spec) -> tuple[int, float]:
+    """Global batch and peak LR of QAD: explicit, else from the run that trained the model (the paper keeps its batch)."""
+    meta = _training_meta(spec)
+    batch = cfg.global_batch or meta.get("global_batch") or (meta.get("config") or {}).get("global_batch")
+    peak = meta.get("lr") or (meta.get("config") or {}).get("lr")
+    lr = cfg.lr or (float(peak) / 10 if peak else None)
+    missing = [o for o, v in (("--global-batch", batch), ("--lr", lr)) if not v]
+    if missing:
+        raise FamexError(f"{' and '.join(missing)} required: {cfg.model} is not a famex training output whose meta.json gives them")
+    return int(batch), float(lr)
+
+
+# --------------------------------------------------------------------------- output
+
+
+def write_quantized(out: Path, model, tokenizer, fmt: QuantFormat, qparams, method: str, info: dict[str, Any]) -> None:
+    """`save_quantized` into the top level of ``out``, next to meta.json / checkpoints/ (which it would replace)."""
+    from famex.quant.checkpoint import save_quantized
+
+    tmp = out / ".quantized.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_quantized(model, tokenizer, fmt, qparams, method, tmp, **info)
+    # Files move one by one; meta.json turns complete only after the last, so a crash in between
+    # leaves a stage that reruns, never one that looks finished.
+    for f in sorted(tmp.iterdir()):
+        os.replace(f, out / f.name)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def size_metrics(model, fmt: QuantFormat, qparams) -> dict[str, Any]:
+    """Quantized parameters and their average stored bits per weight (scales included)."""
+    n = sum(qp.codes.numel() for qp in qparams.values())
+    bits = sum(qp.codes.numel() * fmt.bits_per_weight(qp.codes.shape[1]) for qp in qparams.values())
+    return {"params_quantized": n, "bits_per_weight": bits / n if n else None}
+
+
+# --------------------------------------------------------------------------- RTN / GPTQ
+
+
+def quantize_stage(cfg: QuantizeConfig) -> Path:
+    """Run the `famex quantize` stage; returns the output directory."""
+    if cfg.method == "qad":
+        from famex.quant.qad import run_qad
+
+        return run_qad(cfg)
+    return _quantize_ptq(cfg)
+
+
+def _quantize_ptq(cfg: QuantizeConfig) -> Path:
+    from famex.data.packing import PackedChunks
+    from famex.models import load_model, load_tokenizer
+    from famex.quant.model import quantize_model
+    from famex.stage import Stage, require_complete
+
+    fmt = resolve_format(cfg)
+    out = Path(cfg.out)
+    spec = check_model(cfg.model)
+    check_shapes(spec, fmt)
+    chunks = None
+    if cfg.calib:
+        require_complete(cfg.calib, "data", "calibration data directory")
+        chunks = PackedChunks(cfg.calib, "train")
+        tokenizer = check_tokenizer(spec, chunks)
+    elif needs_calibration(fmt, cfg.method):
+        why = "GPTQ collects input Hessians" if cfg.method == "gptq" else f"{fmt.name} calibrates static activation scales"
+        raise FamexError(f"--calib DATA_DIR is required: {why} on packed chunks of a famex data directory")
+    elif spec.kind == "hf" and not _has_tokenizer(spec.path):
+        tokenizer = None
+        log(f"quantize: {spec.path} has no tokenizer files; the output will have none either")
+    else:
+        tokenizer = load_tokenizer(spec)
+    inputs = {"model": str(spec.path), "calib": cfg.calib or None}
+    stage = Stage(out, "quantize", cfg, inputs, identity_exclude=TRAIN_IDENTITY_EXCLUDE)
+    if stage.begin():
+        return out
+    try:
+        model = load_model(spec)
+        calib = calibration_batches(chunks, cfg.calib_tokens, cfg.seed) if chunks is not None and needs_calibration(fmt, cfg.method) else None
+        if chunks is not None and model.config.vocab_size != chunks.vocab_size:
+            raise FamexError(f"vocab size mismatch: model {cfg.model} has {model.config.vocab_size}, calibration data "
+                             f"{chunks.vocab_size} — calibrate on data tokenized with the model's tokenizer")
+        kw = gptq_options(cfg) if cfg.method == "gptq" else {}
+        result = quantize_model(model, fmt, cfg.method, calib, norm_fusion=cfg.norm_fusion, **kw)
+        write_quantized(out, model, tokenizer, fmt, result.qparams, cfg.method, result.info())
+        metrics = {"seconds": result.seconds, "cpu_seconds": result.cpu_seconds, "calib_tokens": result.calib_tokens,
+                   **size_metrics(model, fmt, result.qparams)}
+        stage.finish(metrics)
+    except BaseException as e:
+        stage.fail(e)
+        raise
+    return out
+
+
+# The uniform stage interface `famex run` uses: a config class and a function that runs it.
+CONFIG = QuantizeConfig
+run = quantize_stage
