@@ -21,6 +21,8 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 install: $(STAMP)
 
 demo: $(STAMP)
+	$(VENV)/bin/famex info --model default
+	$(VENV)/bin/famex info --preset demo-apertus-s --tokenizer default
 	$(VENV)/bin/famex run configs/demo.toml
 
 test: $(STAMP)

@@ -48,6 +48,12 @@ def model_dir(tmp_path_factory, tokenizer_dir):
     return path
 
 
+def famex_ok(out, model_dir, fmt="int8"):
+    r = famex("quantize", "--model", str(model_dir), "--format", fmt, "--method", "rtn", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    return out
+
+
 def _load(path):
     from famex.models import load_model
 
@@ -79,6 +85,25 @@ def test_rtn_stage_writes_the_quantized_directory_at_its_top_level(model_dir, tm
     assert again.returncode == 0 and (out / "model.safetensors").stat().st_mtime_ns == before
     other = famex("quantize", "--model", str(model_dir), "--format", "int3", "--method", "rtn", "--norm-fusion", "--out", str(out))
     assert other.returncode == 2 and "format: 'int4' -> 'int3'" in other.stderr
+
+
+def test_embeddings_are_quantized_only_when_asked(model_dir, tmp_path):
+    out = tmp_path / "rtn-emb"
+    r = famex("quantize", "--model", str(model_dir), "--format", "int8", "--method", "rtn", "--embeddings", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    model, info = load_quantized(out)
+    original = _load(model_dir).get_input_embeddings().weight.detach().clone()
+    reference = _load(model_dir)
+    ref = quantize_model(reference, "int8", "rtn", embeddings=True)
+    assert any("embed" in n for n in ref.qparams)
+    emb = model.get_input_embeddings().weight
+    assert torch.equal(emb, reference.get_input_embeddings().weight)
+    assert not torch.equal(emb, original)  # moved onto the int8 grid
+    default, _ = load_quantized(famex_ok(tmp_path / "rtn", model_dir))
+    assert torch.equal(default.get_input_embeddings().weight, original)  # not asked: high precision
+    qad = famex("quantize", "--model", str(model_dir), "--format", "int4", "--method", "qad", "--embeddings",
+                "--logits", "x", "--data", "y", "--out", str(tmp_path / "q"))
+    assert qad.returncode != 0 and "--embeddings / --lm-head are for rtn / gptq" in qad.stderr
 
 
 def _reference_mask(segment_ids: torch.Tensor) -> torch.Tensor:

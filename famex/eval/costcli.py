@@ -106,7 +106,12 @@ def format_document(doc: dict[str, Any]) -> str:
         text += (f"\nLogit store: {store['tokens']:,} tokens × {store['bytes_per_token']:.0f} bytes/token = "
                  f"{_bytes(store['bytes'])} ({store['source']}).\n")
     if doc.get("not_costed"):
-        text += "Not costed: " + "; ".join(f"{n} ({why})" for n, why in doc["not_costed"]) + ".\n"
+        by_reason: dict[str, list[str]] = {}
+        for name, why in doc["not_costed"]:
+            by_reason.setdefault(why, []).append(name)
+        text += "Not costed: " + "; ".join(
+            f"{why}: {', '.join(names) if len(names) <= 3 else f'{len(names)} stages ({names[0]}, …)'}"
+            for why, names in by_reason.items()) + ".\n"
     return text
 
 
@@ -279,8 +284,19 @@ def recipe_cost(recipe, teacher_preset: str | None = None) -> dict[str, Any]:
         cfg = node.config
         if node.stage == "logits":
             split = cfg.get("split", "train")
-            d = _chunk_tokens(tokens.get(split, 0), int(cfg.get("seq_len") or seq_len))
-            paper = PAPER_TABLE2["logits"] if paper_teacher and split == "train" else None
+            main_data = cfg.get("data") in (None, data_out)
+            if main_data:
+                node_tokens, node_seq = tokens, seq_len
+            else:  # another data directory (the chat data): its own size, when the recipe or its meta.json gives it
+                other = next((n.config for n in recipe.nodes if n.stage == "data" and n.config.get("out") == cfg.get("data")), {})
+                try:
+                    node_tokens, _ = _split_tokens(other, where)
+                except FamexError:
+                    not_costed.append((node.name, "its data's token count is not known from the recipe"))
+                    continue
+                node_seq = int(other.get("seq_len", DataConfig.seq_len))
+            d = _chunk_tokens(node_tokens.get(split, 0), int(cfg.get("seq_len") or node_seq))
+            paper = PAPER_TABLE2["logits"] if paper_teacher and split == "train" and main_data else None
             row = stage_cost(node.name, teacher["params_total"], d, "forward", paper)
             stages.append({**row, "stage": "logits"})
             store = _add_store(store, cfg, d)

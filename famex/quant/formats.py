@@ -100,7 +100,7 @@ class QuantFormat:
         return self.activations == "none"
 
     def bits_per_weight(self, in_features: int) -> float:
-        """Stored bits per weight including scales (and biases / global scale amortized per row)."""
+        """Stored bits per weight including the group scales (and biases); a per-tensor global scale is left out."""
         group = self.group_size or in_features
         scale_bits = {"fp32": 32, "bf16": 16, "fp16": 16, "e4m3": 8}[self.scale_dtype]
         per_group = scale_bits * (1 if self.symmetric else 2)

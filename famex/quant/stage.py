@@ -60,6 +60,10 @@ class QuantizeConfig(TrainConfig):
     """rtn / gptq: a famex data directory whose train chunks calibrate GPTQ and NVFP4 W4A4 activation scales (qad uses --data)."""
     calib_tokens: int = CALIBRATION_TOKENS
     """Calibration tokens (whole chunks, drawn across the train split by --seed); all of the split if it is smaller."""
+    embeddings: bool = False
+    """rtn / gptq: quantize the token embeddings too (RTN, the format's grid; MLX exports them as QuantizedEmbedding)."""
+    lm_head: bool = False
+    """rtn / gptq: quantize an untied lm_head too (a tied one is the embedding: --embeddings)."""
     act_order: bool = True
     """GPTQ: quantize columns in decreasing Hessian-diagonal order (static groups keep the stored layout)."""
     damp: float = 0.01
@@ -112,6 +116,9 @@ class QuantizeConfig(TrainConfig):
                 raise FamexError(f"--method qad needs {' and '.join(missing)}: QAD distils from a famex logits store over a famex data directory")
             if self.calib:
                 raise FamexError("--calib is for rtn / gptq; QAD calibrates its start on --data")
+            if self.embeddings or self.lm_head:
+                raise FamexError("--embeddings / --lm-head are for rtn / gptq: QAD keeps the embeddings and lm_head in "
+                                 "high precision (quantize them afterwards is not supported either)")
             if self.tokens < 1:
                 raise FamexError(f"--tokens must be positive, not {self.tokens}")
         elif self.logits or self.data or self.val_logits:
@@ -335,7 +342,8 @@ def _quantize_ptq(cfg: QuantizeConfig) -> Path:
             raise FamexError(f"vocab size mismatch: model {cfg.model} has {model.config.vocab_size}, calibration data "
                              f"{chunks.vocab_size} — calibrate on data tokenized with the model's tokenizer")
         kw = gptq_options(cfg) if cfg.method == "gptq" else {}
-        result = quantize_model(model, fmt, cfg.method, calib, norm_fusion=cfg.norm_fusion, **kw)
+        result = quantize_model(model, fmt, cfg.method, calib, norm_fusion=cfg.norm_fusion, embeddings=cfg.embeddings,
+                                lm_head=cfg.lm_head, **kw)
         write_quantized(out, model, tokenizer, fmt, result.qparams, cfg.method, result.info())
         metrics = {"seconds": result.seconds, "cpu_seconds": result.cpu_seconds, "calib_tokens": result.calib_tokens,
                    **size_metrics(model, fmt, result.qparams)}

@@ -10,9 +10,14 @@ stages' command-line options, with underscores), plus the names that tie them to
     [distill]    famex distill options shared by every student
     [[student]]  name, preset (or model = DIR), objective = "kd" | "ce", and any famex distill option
     [sft] [dpo]  students = [...], data = "demo" | [paths], and their stage options
-    [quantize]   models = [...], formats = [...], methods = [...], norm_fusion = [false, true],
-                 and [quantize.rtn] / [quantize.gptq] / [quantize.qad] option tables
-    [export]     formats = {format = "mlx" | "compressed-tensors"}, method = which variant to export
+    [quantize]   options shared by every variant; [quantize.rtn] / [quantize.gptq] / [quantize.qad]
+                 options per method; [[quantize.matrix]] entries: models = ["s", "m:instruct"],
+                 formats = [...], methods = ["rtn", "gptq", "qad"], norm_fusion = [false, true] and
+                 options for their variants (one matrix may also be written inline in [quantize])
+    [export]     which variants go to their runtime (methods, formats, norm_fusion, models filters),
+                 targets = {format = "mlx" | "compressed-tensors"} (default: MLX for affine integer
+                 formats, compressed-tensors for FP8 / NVFP4 / symmetric integers), eval = true to
+                 evaluate the exports too, and famex export options
     [eval]       famex eval options (tasks, shots, limit, ...)
     [report]     famex report options
 
@@ -141,6 +146,8 @@ def load_recipe(path: str | Path, out: str | None = None) -> Recipe:
     data_cfg = dict(raw.get("data", {}))
     if "out" in data_cfg:
         raise FamexError(f"{where}: [data] out is set by the run (it writes {root / 'data'}); remove it")
+    data_cfg.setdefault("tokenizer", teacher["model"])  # students and stores share the teacher's tokenizer
+    _check_vocab(raw, teacher, data_cfg, where)
     data = add(Node("data", "data", {**data_cfg, "out": str(root / "data")}))
     data_dir = data.config["out"]
 
@@ -193,16 +200,19 @@ def load_recipe(path: str | Path, out: str | None = None) -> Recipe:
         chat_cfg = dict(raw.get("chat", {}))
         chat_logits = chat_cfg.pop("logits", False)
         chat_top_k = chat_cfg.pop("top_k", logits_cfg.get("top_k", 64))
+        # The instruct teacher (the paper: Apertus-8B-Instruct) whose logits over the chat data
+        # SFT may distil from and instruct QAD does; default: [teacher] model.
+        chat_teacher = chat_cfg.pop("teacher", teacher["model"])
         if not chat_cfg.get("demo_chat") and not chat_cfg.get("input"):
             raise FamexError(f"{where}: [sft]/[dpo] need chat data: set [chat] demo_chat = true or [chat] input = [CHAT.jsonl...]")
-        chat_cfg.setdefault("tokenizer", teacher["model"])
+        chat_cfg.setdefault("tokenizer", chat_teacher)
         if not chat_cfg.get("demo_chat"):
             chat_cfg["chat"] = True
         chat_nodes["data"] = add(Node("data-chat", "data", {**chat_cfg, "out": str(root / "data-chat")}))
         if chat_logits:
             chat_nodes["logits"] = add(Node("logits-chat", "logits", {
                 **{k: v for k, v in logits_cfg.items() if k not in ("top_k",)}, "top_k": chat_top_k,
-                "teacher": teacher["model"], "data": chat_nodes["data"].config["out"], "split": "train",
+                "teacher": chat_teacher, "data": chat_nodes["data"].config["out"], "split": "train",
                 "out": str(root / "logits-chat")}, deps=["data-chat"]))
         sft_cfg = dict(raw.get("sft", {}))
         sft_students = sft_cfg.pop("students", list(student_nodes)[:1])
@@ -222,13 +232,18 @@ def load_recipe(path: str | Path, out: str | None = None) -> Recipe:
             for sname in dpo_students:
                 if sname not in instruct:
                     raise FamexError(f"{where}: [dpo] students names {sname!r}, which has no [sft] stage")
-                config = {**dpo_cfg, "model": instruct[sname].config["out"], "data": [chat_nodes["data"].config["out"]],
+                config = {**dpo_cfg, "model": instruct[sname].config["out"],
+                          "data": dpo_cfg.get("data") or [chat_nodes["data"].config["out"]],
                           "out": str(root / f"dpo-{sname}")}
                 instruct[sname] = add(Node(f"dpo-{sname}", "dpo", config, [f"sft-{sname}", "data-chat"], {"student": sname}))
 
-    for section in ("quantize", "export"):
-        if section in raw and not stage_ready(section):
-            log(f"famex run: [{section}] is planned in the recipe but this famex does not have the {section} stage yet; skipping it")
+    # -- quantization matrix (formats × methods × norm fusion per model), then exports
+    sources = {name: (node, "base") for name, node in student_nodes.items()}
+    sources.update({f"{name}:instruct": (node, "instruct") for name, node in instruct.items()})
+    stores = {"base": (data_dir, store_nodes.get("train"), store_nodes.get("val")),
+              "instruct": (chat_nodes["data"].config["out"] if chat_nodes else None, chat_nodes.get("logits"), None)}
+    quant_nodes = _quantize_nodes(raw.get("quantize"), sources, stores, root, add, where)
+    export_nodes = _export_nodes(raw.get("export"), quant_nodes, root, add, where)
 
     # -- evaluation: every model of the family; quantized variants against their BF16 source
     if "eval" in raw:
@@ -262,6 +277,12 @@ def load_recipe(path: str | Path, out: str | None = None) -> Recipe:
                 add_eval(node, node.config["out"], "base", [node.name])
             elif node.stage in ("sft", "dpo") and instruct.get(node.info["student"]) is node:
                 add_eval(node, node.config["out"], "instruct", [node.name])
+        # Quantized variants (and, when asked, their exports) against their BF16 source's evaluation.
+        for node in quant_nodes + [n for n in export_nodes if n.info.get("eval")]:
+            ref = f"eval-{node.info['source']}"
+            if ref not in evals:
+                continue
+            add_eval(node, node.config["out"], node.info["kind"], [node.name, ref], reference=evals[ref].config["out"])
 
     # -- report: last, over everything above
     report_cfg = dict(raw.get("report", {}))
@@ -272,6 +293,195 @@ def load_recipe(path: str | Path, out: str | None = None) -> Recipe:
              deps=[n.name for n in nodes]))
 
     return Recipe(path, raw, name, root, run.get("minutes"), nodes)
+
+
+def _check_vocab(raw: dict[str, Any], teacher: dict[str, Any], data_cfg: dict[str, Any], where: str) -> None:
+    """Refuse, before any work, models and tokenizers whose vocabulary the teacher's logits cannot cover.
+
+    Checked where the files are here (a teacher that is only named, e.g. for a dry run of the
+    paper's recipe, is not): the data's tokenizer must fit the teacher's vocabulary, and students
+    given as model directories and the chat teacher must have exactly the teacher's.
+    """
+    from famex.eval.costcli import _info
+
+    spec = str(teacher["model"])
+    if not (spec == "default" or Path(spec).exists()):
+        return
+    try:
+        vocab = int(_info(spec)["vocab_size"])
+    except (OSError, ValueError, KeyError) as e:
+        raise FamexError(f"{where}: [teacher] model {spec}: cannot read its config ({e})") from None
+
+    def model_vocab(path: str, field: str) -> int | None:
+        if not (path == "default" or Path(path).exists()):
+            return None
+        try:
+            return int(_info(path)["vocab_size"])
+        except (OSError, ValueError, KeyError) as e:
+            raise FamexError(f"{where}: {field} {path}: cannot read its config ({e})") from None
+
+    tok = str(data_cfg.get("tokenizer", spec))
+    if tok != spec and (tok == "default" or Path(tok).exists()):
+        from famex.models import load_tokenizer
+
+        n = len(load_tokenizer(tok))
+        if n > vocab:
+            raise FamexError(f"{where}: [data] tokenizer {tok} has {n:,} tokens but the teacher {spec} scores only {vocab:,}: "
+                             "the corpus must be tokenized with the teacher's tokenizer (remove [data] tokenizer)")
+    for st in raw.get("student", []) if isinstance(raw.get("student"), list) else [raw.get("student", {})]:
+        if "model" in st:
+            v = model_vocab(str(st["model"]), f"[[student]] {st.get('name')!r} model")
+            if v is not None and v != vocab:
+                raise FamexError(f"{where}: [[student]] {st.get('name')!r} model {st['model']} has a vocabulary of {v:,}, the "
+                                 f"teacher {spec} {vocab:,}: a student must share the teacher's vocabulary (use preset = NAME "
+                                 "to build one at the teacher's)")
+    chat_teacher = raw.get("chat", {}).get("teacher")
+    if chat_teacher:
+        v = model_vocab(str(chat_teacher), "[chat] teacher")
+        if v is not None and v != vocab:
+            raise FamexError(f"{where}: [chat] teacher {chat_teacher} has a vocabulary of {v:,}, the [teacher] model {vocab:,}: "
+                             "the instruct teacher must share the students' vocabulary")
+
+
+# ---------------------------------------------------------------- quantization and export sections
+
+QUANT_MATRIX_KEYS = {"models", "formats", "methods", "norm_fusion"}
+EXPORT_KEYS = {"methods", "norm_fusion", "models", "formats", "targets", "eval"}
+
+
+def default_target(fmt_name: str) -> str:
+    """Where a format is deployed: FP8 / NVFP4 and symmetric integers to vLLM, MLX's affine integers to mlx-lm."""
+    from famex.quant.formats import parse_format
+
+    fmt = parse_format(fmt_name)
+    return "mlx" if fmt.kind == "int" and not fmt.symmetric else "compressed-tensors"
+
+
+def _as_list(value: Any, key: str, where: str) -> list:
+    if isinstance(value, (str, bool)):
+        value = [value]
+    if not isinstance(value, list) or not value:
+        raise FamexError(f"{where}: {key} must be a non-empty list, not {value!r}")
+    return value
+
+
+def _quantize_nodes(section: dict[str, Any] | None, sources: dict[str, tuple[Node, str]],
+                    stores: dict[str, tuple], root: Path, add: Callable[[Node], Node], where: str) -> list[Node]:
+    """Expand [quantize]: shared options, per-method tables and [[quantize.matrix]] entries into nodes.
+
+    A matrix entry names ``models`` (a student for its distilled model, ``NAME:instruct`` for its
+    post-trained one), ``formats``, ``methods`` and ``norm_fusion`` (a list of booleans), plus any
+    `famex quantize` option for its nodes. GPTQ calibrates on the model's training data (the chat
+    data for instruct models); QAD distils from the store over it (the instruct teacher's logits over
+    the chat data for instruct models, as the paper does).
+    """
+    if not section:
+        return []
+    from famex.quant.formats import parse_format
+    from famex.quant.stage import needs_calibration
+
+    section = dict(section)
+    per_method = {m: dict(section.pop(m)) for m in ("rtn", "gptq", "qad") if isinstance(section.get(m), dict)}
+    matrix = section.pop("matrix", None)
+    if matrix is None:  # a single matrix written inline in [quantize]
+        matrix = [{k: section.pop(k) for k in list(section) if k in QUANT_MATRIX_KEYS}]
+    if isinstance(matrix, dict):
+        matrix = [matrix]
+    for key in ("model", "format", "method", "norm_fusion", "out", "calib", "data", "logits", "val_logits"):
+        if key in section:
+            raise FamexError(f"{where}: [quantize] {key} is set per variant by the run; use the [[quantize.matrix]] lists "
+                             "(models, formats, methods, norm_fusion)")
+    nodes: list[Node] = []
+    for i, entry in enumerate(matrix, 1):
+        entry = dict(entry)
+        here = f"{where}: [[quantize.matrix]] #{i}"
+        missing = [k for k in ("models", "formats", "methods") if k not in entry]
+        if missing:
+            raise FamexError(f"{here} needs {', '.join(missing)} (and optionally norm_fusion = [false, true])")
+        models = _as_list(entry.pop("models"), "models", here)
+        formats = _as_list(entry.pop("formats"), "formats", here)
+        methods = _as_list(entry.pop("methods"), "methods", here)
+        fusions = _as_list(entry.pop("norm_fusion", [False]), "norm_fusion", here)
+        for name in models:
+            if name not in sources:
+                raise FamexError(f"{here}: models names {name!r}, which is no model of this recipe "
+                                 f"(have {', '.join(sources)}; NAME:instruct is a student after [sft]/[dpo])")
+        for fmt in formats:
+            try:
+                parse_format(fmt)
+            except FamexError as e:
+                raise FamexError(f"{here}: formats: {e}") from None
+        for method in methods:
+            if method not in ("rtn", "gptq", "qad"):
+                raise FamexError(f"{here}: methods must be among rtn, gptq, qad, not {method!r}")
+        for nf in fusions:
+            if not isinstance(nf, bool):
+                raise FamexError(f"{here}: norm_fusion must list booleans (false, true), not {nf!r}")
+        for name in models:
+            source, kind = sources[name]
+            data, store, val_store = stores[kind]
+            label = name.replace(":", "-")
+            for fmt in formats:
+                for method in methods:
+                    for nf in fusions:
+                        vname = f"quantize-{label}-{fmt}-{method}" + ("-nf" if nf else "")
+                        config = {**section, **per_method.get(method, {}), **entry, "model": source.config["out"],
+                                  "format": fmt, "method": method, "norm_fusion": nf, "out": str(root / vname)}
+                        deps = [source.name]
+                        if method == "qad":
+                            if store is None:
+                                what = "[logits]" if kind == "base" else "[chat] logits = true"
+                                raise FamexError(f"{here}: QAD of {name!r} distils from the teacher's stored logits over its "
+                                                 f"training data; this recipe has none ({what})")
+                            config.update(data=data, logits=store.config["out"])
+                            # QAD keeps the global batch the model was trained with; written here so
+                            # that the plan's cost table counts its tokens too.
+                            if source.config.get("global_batch"):
+                                config.setdefault("global_batch", source.config["global_batch"])
+                            deps += [store.name]
+                            if val_store is not None:
+                                config["val_logits"] = val_store.config["out"]
+                                deps.append(val_store.name)
+                        elif needs_calibration(parse_format(fmt), method):
+                            config["calib"] = data
+                        if kind == "instruct" and data:
+                            deps.append("data-chat")
+                        nodes.append(add(Node(vname, "quantize", config, deps,
+                                              {"source": source.name, "kind": kind, "model": name})))
+    return nodes
+
+
+def _export_nodes(section: dict[str, Any] | None, quant_nodes: list[Node], root: Path,
+                  add: Callable[[Node], Node], where: str) -> list[Node]:
+    """Expand [export]: every quantized variant that passes its filters goes to its format's runtime."""
+    if not section:
+        return []
+    section = dict(section)
+    filters = {k: section.pop(k) for k in list(section) if k in EXPORT_KEYS}
+    for key in ("model", "to", "out"):
+        if key in section:
+            raise FamexError(f"{where}: [export] {key} is set per variant by the run; filter with methods / formats / "
+                             "norm_fusion / models and map formats with targets = {{format = \"mlx\"}}")
+    targets = dict(filters.get("targets", {}))
+    for fmt, target in targets.items():
+        if target not in ("mlx", "compressed-tensors", "hf"):
+            raise FamexError(f"{where}: [export] targets.{fmt} must be \"mlx\", \"compressed-tensors\" or \"hf\", not {target!r}")
+    nodes = []
+    for q in quant_nodes:
+        cfg = q.config
+        if "methods" in filters and cfg["method"] not in _as_list(filters["methods"], "[export] methods", where):
+            continue
+        if "norm_fusion" in filters and cfg["norm_fusion"] not in _as_list(filters["norm_fusion"], "[export] norm_fusion", where):
+            continue
+        if "formats" in filters and cfg["format"] not in _as_list(filters["formats"], "[export] formats", where):
+            continue
+        if "models" in filters and q.info["model"] not in _as_list(filters["models"], "[export] models", where):
+            continue
+        target = targets.get(cfg["format"]) or default_target(cfg["format"])
+        name = "export-" + q.name.removeprefix("quantize-")
+        config = {**section, "model": cfg["out"], "to": target, "out": str(root / name)}
+        nodes.append(add(Node(name, "export", config, [q.name], {**q.info, "eval": bool(filters.get("eval", False))})))
+    return nodes
 
 
 def select(nodes: list[Node], only: list[str] | None, start: str | None) -> list[Node]:
@@ -292,7 +502,8 @@ def print_plan(recipe: Recipe, nodes: list[Node]) -> None:
     print(f"recipe {recipe.path} → {recipe.out}")
     for n in nodes:
         state = "available" if n.available() else "not built yet"
-        print(f"  {n.name:<28} famex {n.stage:<9} deps: {', '.join(n.deps) or '-':<30} ({state})")
+        deps = ", ".join(n.deps) if len(n.deps) <= 4 else f"{len(n.deps)} stages above"
+        print(f"  {n.name:<36} famex {n.stage:<9} deps: {deps or '-':<30} ({state})")
 
 
 def execute(recipe: Recipe, nodes: list[Node]) -> None:
@@ -344,7 +555,10 @@ def main(args: argparse.Namespace) -> int:
         from famex.eval.costcli import cost_document, format_document
 
         print()
-        print(format_document(cost_document(recipe)))
+        try:
+            print(format_document(cost_document(recipe)))
+        except FamexError as e:  # the plan stands; only its costs need what is missing
+            print(f"No cost table: {e}")
         return 0
     recipe.out.mkdir(parents=True, exist_ok=True)
     # The recipe travels with its run: `famex cost RUN_DIR` and the report read it back.
