@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
 import time
 import traceback
@@ -33,6 +34,9 @@ def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
+_VOLATILE_META = ("started", "finished", "error")
+
+
 def content_hash(path: str | os.PathLike) -> str:
     """A content hash of a file or directory, cheap enough to take on every stage start.
 
@@ -47,7 +51,9 @@ def content_hash(path: str | os.PathLike) -> str:
     if meta.is_file():
         m = read_json(meta)
         if m.get("status") == COMPLETE:
-            return "meta:" + sha256_file(meta)
+            # When it ran is no part of what it is: two runs of the same stage on the same inputs hash alike.
+            ident = {k: v for k, v in m.items() if k not in _VOLATILE_META}
+            return "meta:" + hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
     if not path.is_dir():
         raise FamexError(f"input not found: {path}")
     h = hashlib.sha256()

@@ -21,6 +21,8 @@ re-attaches activation fake-quant. This module does not export runtime formats.
 
 from __future__ import annotations
 
+import json
+
 import os
 from pathlib import Path
 from typing import Any
@@ -95,7 +97,8 @@ def save_quantized(
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        save_file(tensors, str(tmp / QPARAMS_FILE), metadata={"format": fmt.name, "method": method})
+        save_file(tensors, str(tmp / QPARAMS_FILE), metadata={"famex": json.dumps({"format": fmt.name, "method": method}, sort_keys=True)})
+        # (one key: safetensors writes a metadata map in no fixed order, and these files must be byte-reproducible)
         atomic_write_json(tmp / QUANTIZATION_JSON, record)
     return out_dir
 
