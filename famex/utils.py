@@ -37,8 +37,10 @@ def is_quiet() -> bool:
 
 
 def progress(iterable: Iterable | None = None, **kwargs: Any) -> tqdm:
-    """A tqdm bar that is off under ``--quiet`` and when stderr is not a terminal."""
-    disable = kwargs.pop("disable", False) or is_quiet() or not sys.stderr.isatty()
+    """A tqdm bar, off under ``--quiet``; into a log file (stderr not a terminal) it writes every 30 s."""
+    disable = kwargs.pop("disable", False) or is_quiet()
+    if not sys.stderr.isatty():
+        kwargs.setdefault("mininterval", 30.0)
     kwargs.setdefault("dynamic_ncols", True)
     return tqdm(iterable, disable=disable, **kwargs)
 
@@ -106,6 +108,19 @@ def read_json(path: str | os.PathLike) -> Any:
         return json.load(f)
 
 
+def make_shareable(path: str | os.PathLike) -> None:
+    """Give ``path`` (a file, or every file under a directory) the usual umask permissions.
+
+    safetensors (like mkstemp) creates files readable by their owner only; checkpoints are read
+    by other users and jobs (a serving process, a cluster's other accounts), so they get 0666 & ~umask.
+    """
+    path = Path(path)
+    mode = 0o666 & ~_umask()
+    for f in [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]:
+        if f.stat().st_mode & 0o777 != mode:
+            os.chmod(f, mode)
+
+
 @contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Build a directory under a temporary name; rename it to ``path`` only on success.
@@ -118,6 +133,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
+        make_shareable(tmp)
         if path.exists():
             old = path.with_name(f".{path.name}.old")
             if old.exists():

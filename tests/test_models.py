@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import math
 import subprocess
 import sys
@@ -91,3 +92,15 @@ def test_not_a_language_model_gguf(tmp_path):
         resolve_model_spec(bad)
     with pytest.raises(FamexError, match="not found"):
         resolve_model_spec(tmp_path / "missing")
+
+
+def test_saved_checkpoints_are_readable_by_others(tmp_path):
+    """safetensors writes owner-only files; a checkpoint other users and jobs read gets umask permissions."""
+    from famex.models import build_student, save_model
+
+    old = os.umask(0o022)
+    try:
+        save_model(build_student("tiny-apertus", 300), tmp_path / "m")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "m" / "model.safetensors").stat().st_mode & 0o777 == 0o644

@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from famex.config import add_config_arguments, resolve_config
 from famex.errors import FamexError
 from famex.stage import Stage
-from famex.utils import read_json
+from famex.utils import make_shareable, read_json
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "generation_config.json")
@@ -134,6 +134,7 @@ def average(cfg: AverageConfig) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         save_file(averaged, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        make_shareable(tmp / "model.safetensors")
         shutil.copy2(paths[0] / "config.json", tmp / "config.json")
         tok = _tokenizer_source(paths)
         if tok is not None:

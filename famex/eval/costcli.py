@@ -439,7 +439,8 @@ def run_cost(run_dir: str | Path, teacher_preset: str | None = None) -> dict[str
         elif s.stage == "quantize":
             row = _run_quantize_row(s)
             if row is None:
-                not_costed.append((s.name, "RTN (no data pass)"))
+                method = s.config.get("method")
+                not_costed.append((s.name, "RTN (no data pass)" if method == "rtn" else f"{method}: its token count was not recorded"))
             else:
                 stages.append(row)
         else:

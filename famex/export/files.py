@@ -31,7 +31,7 @@ from famex.quant.checkpoint import QPARAMS_FILE, QUANTIZATION_JSON, is_quantized
 from famex.quant.fake_quant import QParams
 from famex.quant.formats import QuantFormat
 from famex.quant.model import QUANT_MARKER
-from famex.utils import read_json
+from famex.utils import make_shareable, read_json
 
 __all__ = [
     "DTYPES", "DTYPE_NAMES", "SIDE_FILES", "TensorReader", "ModelSource", "ShardWriter", "cast_dense", "export_config",
@@ -186,6 +186,7 @@ class ShardWriter:
     def _flush(self) -> None:
         path = self.out / f".shard-{len(self.shards):05d}.safetensors"
         save_file(self.pending, str(path), metadata=self.metadata)
+        make_shareable(path)
         self.shards.append((path, sorted(self.pending)))
         self.pending, self.pending_bytes = {}, 0
 

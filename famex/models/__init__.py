@@ -286,6 +286,9 @@ def save_model(model, out: str | os.PathLike, tokenizer=None, dtype: Any = None)
                         shutil.copy2(f, tmp / f.name)
             else:
                 tokenizer.save_pretrained(tmp)
+        from famex.utils import make_shareable
+
+        make_shareable(tmp)
         for f in sorted(tmp.iterdir()):
             os.replace(f, out / f.name)
     finally:

@@ -128,6 +128,11 @@ def _missing(rows: list[dict[str, Any]], keys: tuple[str, ...]) -> str:
     return ", ".join(f"{k} missing in {n}" for k, n in counts if n)
 
 
+def _is_teacher(row: dict) -> bool:
+    """The run's teacher: evaluated under the name `famex run` gives it, from outside the run tree."""
+    return row.get("model") == "teacher" and row.get("source_stage") is None
+
+
 def section_pareto(ctx: Context) -> str:
     if not ctx.rows:
         raise Skip(NO_EVAL)
@@ -137,8 +142,10 @@ def section_pareto(ctx: Context) -> str:
              "variant of the same kind is at most as costly and at least as good, and strictly better in one."]
     drawn = 0
     for kind, (quality_key, higher) in QUALITY.items():
-        group = [r for r in ctx.rows if r.get("kind") == kind]
-        if not group:
+        # The teacher is every front's reference: it joins the instruct front too when it was scored few-shot.
+        group = [r for r in ctx.rows if r.get("kind") == kind
+                 or (_is_teacher(r) and r.get("kind") != kind and kind == "instruct" and r.get(quality_key) is not None)]
+        if not group or all(_is_teacher(r) for r in group):
             continue
         placed = [r for r in group if r.get(ctx.cost_key) is not None and r.get(quality_key) is not None]
         parts.append(f"### {kind.capitalize()} models")
