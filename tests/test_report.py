@@ -464,3 +464,20 @@ def test_bad_input(tmp_path, run_dir):
     (tmp_path / "other" / "file.txt").write_text("x")
     with pytest.raises(FamexError, match="not a report directory"):
         report(ReportConfig(run_dir=str(run_dir), out=str(tmp_path / "other")))
+
+
+def test_teacher_scored_few_shot_joins_the_instruct_front(tmp_path, no_figures):
+    root = make_run(tmp_path / "runs" / "demo")
+    meta = json.loads((root / "eval-teacher" / "metrics.json").read_text())
+    meta["fewshot_avg"] = 0.7  # better than every instruct student, and the largest
+    (root / "eval-teacher" / "metrics.json").write_text(json.dumps(meta))
+    out = report(ReportConfig(run_dir=str(root), out=str(tmp_path / "report")))
+    md = (out / "report.md").read_text()
+    instruct = md[md.index("### Instruct models"):md.index("## Training curves")]
+    assert "teacher bf16" in instruct
+    # Without a few-shot score the teacher stays off the instruct front (it is only on the base one).
+    meta.pop("fewshot_avg")
+    (root / "eval-teacher" / "metrics.json").write_text(json.dumps(meta))
+    out = report(ReportConfig(run_dir=str(root), out=str(tmp_path / "report2")))
+    md = (out / "report.md").read_text()
+    assert "teacher bf16" not in md[md.index("### Instruct models"):md.index("## Training curves")]
