@@ -64,6 +64,18 @@ def content_hash(path: str | os.PathLike) -> str:
     return "dir:" + h.hexdigest()
 
 
+def same_content(recorded: str | None, path: str | os.PathLike) -> bool:
+    """Whether ``recorded`` (a `content_hash` some stage wrote down) still describes ``path``.
+
+    Stages written before famex hashed a complete stage's meta.json without its timestamps
+    recorded the hash of the whole file; those still match, so existing stores and runs stay usable.
+    """
+    if recorded == content_hash(path):
+        return True
+    meta = Path(path) / "meta.json"
+    return bool(recorded) and meta.is_file() and recorded == "meta:" + sha256_file(meta)
+
+
 def _file_hash(path: Path) -> str:
     size = path.stat().st_size
     if size <= _SMALL_FILE:
@@ -121,12 +133,20 @@ class Stage:
         ins = {k: v.get("hash") for k, v in inputs.items()}
         return cfg, ins
 
+    def _same_input(self, name: str, recorded: dict[str, Any] | None) -> bool:
+        new = self.inputs.get(name)
+        if recorded is None or new is None:
+            return recorded is None and new is None
+        return recorded.get("hash") == new["hash"] or same_content(recorded.get("hash"), new["path"])
+
     def differences(self, meta: dict[str, Any]) -> list[str]:
         old_cfg, old_in = self._identity(meta.get("config", {}), meta.get("inputs", {}))
         new_cfg, new_in = self._identity(self.config, self.inputs)
         diffs = [f"{k}: {old_cfg.get(k)!r} -> {new_cfg.get(k)!r}" for k in sorted(set(old_cfg) | set(new_cfg))
                  if old_cfg.get(k) != new_cfg.get(k)]
-        diffs += [f"input {k} changed" for k in sorted(set(old_in) | set(new_in)) if old_in.get(k) != new_in.get(k)]
+        old_inputs = meta.get("inputs", {})
+        diffs += [f"input {k} changed" for k in sorted(set(old_in) | set(new_in))
+                  if old_in.get(k) != new_in.get(k) and not self._same_input(k, old_inputs.get(k))]
         return diffs
 
     def begin(self, extra: dict[str, Any] | None = None) -> bool:

@@ -25,7 +25,7 @@ from famex.data.packing import IGNORE_INDEX, PackedChunks, chunk_permutation, co
 from famex.distill.losses import LossOut, distill_loss
 from famex.distill.trainer import TRAIN_IDENTITY_EXCLUDE, TrainConfig, setup_distributed, train
 from famex.errors import FamexError
-from famex.stage import Stage, content_hash, require_complete
+from famex.stage import Stage, require_complete, same_content
 
 
 @dataclass
@@ -87,7 +87,7 @@ def open_store(path: str, chunks: PackedChunks, what: str):
     if m.get("split") and m["split"] != chunks.split:
         raise FamexError(f"{what} {path} covers the {m['split']!r} split, expected {chunks.split!r}")
     data_hash = m.get("data_hash")
-    if data_hash and data_hash != content_hash(chunks.data.dir):
+    if data_hash and not same_content(data_hash, chunks.data.dir):
         raise FamexError(
             f"{what} {path} was made from another data directory than {chunks.data.dir} (hash differs) — "
             "regenerate the store from this data, or pass the data it was made from"

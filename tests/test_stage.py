@@ -1,0 +1,47 @@
+"""The stage contract: what identifies a finished stage, and inputs recorded by older famex versions."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from famex.errors import FamexError
+from famex.stage import Stage, content_hash, same_content
+from famex.utils import sha256_file
+
+
+def finished(out, config, when: str):
+    st = Stage(out, "data", config)
+    st.begin()
+    st.finish({"tokens": 10})
+    meta = json.loads((out / "meta.json").read_text())
+    meta["started"] = meta["finished"] = when  # as if it had run at another time
+    (out / "meta.json").write_text(json.dumps(meta))
+    return out
+
+
+def test_when_a_stage_ran_is_no_part_of_its_identity(tmp_path):
+    a = finished(tmp_path / "a", {"seq_len": 64}, "2026-01-01T00:00:00+0000")
+    b = finished(tmp_path / "b", {"seq_len": 64}, "2026-06-01T12:00:00+0000")
+    c = finished(tmp_path / "c", {"seq_len": 128}, "2026-01-01T00:00:00+0000")
+    assert content_hash(a) == content_hash(b) != content_hash(c)
+
+
+def test_inputs_recorded_as_the_whole_meta_file_still_match(tmp_path):
+    data = finished(tmp_path / "data", {"seq_len": 64}, "2026-01-01T00:00:00+0000")
+    out = tmp_path / "logits"
+    st = Stage(out, "logits", {"top_k": 8}, {"data": data})
+    st.begin()
+    meta = json.loads((out / "meta.json").read_text())
+    legacy = "meta:" + sha256_file(data / "meta.json")  # how famex 0.1 before this change hashed it
+    meta["inputs"]["data"]["hash"] = legacy
+    (out / "meta.json").write_text(json.dumps(meta))
+    assert same_content(legacy, data) and not same_content("meta:" + "0" * 64, data)
+    assert Stage(out, "logits", {"top_k": 8}, {"data": data}).begin() is False  # resumes, no refusal
+    # A real change is still refused.
+    meta_d = json.loads((data / "meta.json").read_text())
+    meta_d["config"]["seq_len"] = 32
+    (data / "meta.json").write_text(json.dumps(meta_d))
+    with pytest.raises(FamexError, match="input data changed"):
+        Stage(out, "logits", {"top_k": 8}, {"data": data}).begin()
