@@ -23,7 +23,7 @@ import torch
 from famex.config import add_config_arguments, resolve_config
 from famex.data.packing import IGNORE_INDEX, PackedChunks, chunk_permutation, collate, model_inputs
 from famex.distill.losses import LossOut, distill_loss
-from famex.distill.trainer import TRAIN_IDENTITY_EXCLUDE, TrainConfig, setup_distributed, train
+from famex.distill.trainer import TRAIN_IDENTITY_EXCLUDE, TrainConfig, setup_distributed, stage_on_ranks, train
 from famex.errors import FamexError
 from famex.stage import Stage, require_complete, same_content
 
@@ -232,7 +232,7 @@ def distill(cfg: DistillConfig) -> Path:
         done = flag[0]
     if done:
         return out
-    try:
+    with stage_on_ranks(stage, d):
         tokenizer_dir = Path(cfg.data) / "tokenizer"
         from transformers import AutoTokenizer
 
@@ -253,13 +253,6 @@ def distill(cfg: DistillConfig) -> Path:
             metrics["params"] = sum(p.numel() for p in {id(p): p for p in result.model.parameters()}.values())
             metrics["objective"] = "kd" if store is not None else "ce"
             stage.finish(metrics)
-    except BaseException as e:
-        if d.main:
-            stage.fail(e)
-        raise
-    finally:
-        if d.world > 1:
-            dist.barrier()
     return out
 
 

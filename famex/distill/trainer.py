@@ -157,6 +157,21 @@ def setup_distributed(device: str = "auto") -> Dist:
     return Dist(rank, world, local, torch.device(f"cuda:{local}") if want_cuda else torch.device("cpu"))
 
 
+@contextlib.contextmanager
+def stage_on_ranks(stage, d: Dist):
+    """The body of a training stage on every rank: an error marks the stage failed (rank 0 writes
+    meta.json) and propagates; ranks meet at a barrier on the way out either way."""
+    try:
+        yield
+    except BaseException as e:
+        if d.main:
+            stage.fail(e)
+        raise
+    finally:
+        if d.world > 1:
+            dist.barrier()
+
+
 def all_reduce_sum(x: torch.Tensor, d: Dist) -> torch.Tensor:
     if d.world > 1:
         x = x.clone()

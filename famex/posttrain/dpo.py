@@ -41,7 +41,7 @@ import torch
 from famex.config import add_config_arguments, resolve_config
 from famex.data.chat import ChatEncoder, PreferencePair, expand_chat_inputs, json_key, read_preferences, truncate
 from famex.distill.losses import LossOut
-from famex.distill.trainer import TRAIN_IDENTITY_EXCLUDE, TrainConfig, setup_distributed, train
+from famex.distill.trainer import TRAIN_IDENTITY_EXCLUDE, TrainConfig, setup_distributed, stage_on_ranks, train
 from famex.errors import FamexError
 from famex.posttrain.losses import IGNORE_INDEX, dpo_loss, sequence_logps
 from famex.stage import Stage, content_hash, require_complete
@@ -374,7 +374,7 @@ def dpo(cfg: DpoConfig) -> Path:
         done = flag[0]
     if done:
         return out
-    try:
+    with stage_on_ranks(stage, d):
         ordered = train_pairs + val_pairs
         if d.main:
             ref = cached_reference(out, cfg.ref or cfg.model, ordered, pad_id, cfg.micro_batch, d.device)
@@ -401,13 +401,6 @@ def dpo(cfg: DpoConfig) -> Path:
             metrics.update(pairs_train=len(train_pairs), pairs_val=len(val_pairs), pairs_truncated=counts["truncated"],
                            pairs_dropped=counts["dropped"], beta=cfg.beta)
             stage.finish(metrics)
-    except BaseException as e:
-        if d.main:
-            stage.fail(e)
-        raise
-    finally:
-        if d.world > 1:
-            dist.barrier()
     return out
 
 

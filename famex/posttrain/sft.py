@@ -32,7 +32,7 @@ from typing import Literal
 from famex.config import add_config_arguments, resolve_config
 from famex.data.packing import PackedChunks
 from famex.distill.train import DistillTask, open_store
-from famex.distill.trainer import TRAIN_IDENTITY_EXCLUDE, TrainConfig, setup_distributed, train
+from famex.distill.trainer import TRAIN_IDENTITY_EXCLUDE, TrainConfig, setup_distributed, stage_on_ranks, train
 from famex.errors import FamexError
 from famex.stage import Stage, read_meta, require_complete
 from famex.utils import log
@@ -162,7 +162,7 @@ def sft(cfg: SftConfig) -> Path:
         done = flag[0]
     if done:
         return out
-    try:
+    with stage_on_ranks(stage, d):
         if d.main:
             log(f"famex sft: {iters} steps of {global_batch} × {chunks.seq_len} tokens at lr {lr:g} ({lr_source})")
         model = build_student(cfg.model, chunks.vocab_size)
@@ -176,13 +176,6 @@ def sft(cfg: SftConfig) -> Path:
             metrics["objective"] = "sft+kd" if store is not None else "sft"
             metrics["assistant_tokens_train"] = _assistant_tokens(cfg.data)
             stage.finish(metrics)
-    except BaseException as e:
-        if d.main:
-            stage.fail(e)
-        raise
-    finally:
-        if d.world > 1:
-            dist.barrier()
     return out
 
 

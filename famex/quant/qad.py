@@ -315,7 +315,7 @@ def run_qad(cfg: "QuantizeConfig") -> Path:
 
     from famex.data.packing import PackedChunks
     from famex.distill.train import DistillTask, open_store, validate_chunks
-    from famex.distill.trainer import TRAIN_IDENTITY_EXCLUDE, checkpoint_dirs, setup_distributed, train
+    from famex.distill.trainer import TRAIN_IDENTITY_EXCLUDE, checkpoint_dirs, setup_distributed, stage_on_ranks, train
     from famex.models import load_model
     from famex.quant import stage as qs
     from famex.stage import Stage, read_meta, require_complete
@@ -351,7 +351,7 @@ def run_qad(cfg: "QuantizeConfig") -> Path:
         done = flag[0]
     if done:
         return out
-    try:
+    with stage_on_ranks(stage, d):
         model = load_model(spec)
         if model.config.vocab_size != chunks.vocab_size:
             raise FamexError(f"vocab size mismatch: model {cfg.model} has {model.config.vocab_size}, data {chunks.vocab_size} — "
@@ -388,11 +388,4 @@ def run_qad(cfg: "QuantizeConfig") -> Path:
             metrics.update({f"start_val_{k}": v for k, v in start_val.items() if k in ("ce", "kl")})
             metrics.update(qs.size_metrics(final, fmt, qparams))
             stage.finish(metrics)
-    except BaseException as e:
-        if d.main:
-            stage.fail(e)
-        raise
-    finally:
-        if d.world > 1:
-            dist.barrier()
     return out
