@@ -64,13 +64,14 @@ def content_hash(path: str | os.PathLike) -> str:
     return "dir:" + h.hexdigest()
 
 
-def same_content(recorded: str | None, path: str | os.PathLike) -> bool:
+def same_content(recorded: str | None, path: str | os.PathLike, current: str | None = None) -> bool:
     """Whether ``recorded`` (a `content_hash` some stage wrote down) still describes ``path``.
 
-    Stages written before famex hashed a complete stage's meta.json without its timestamps
-    recorded the hash of the whole file; those still match, so existing stores and runs stay usable.
+    ``current``: ``content_hash(path)`` when the caller has it already. Stages written before famex
+    hashed a complete stage's meta.json without its timestamps recorded the hash of the whole
+    file; those still match, so existing stores and runs stay usable.
     """
-    if recorded == content_hash(path):
+    if recorded == (current or content_hash(path)):
         return True
     meta = Path(path) / "meta.json"
     return bool(recorded) and meta.is_file() and recorded == "meta:" + sha256_file(meta)
@@ -137,7 +138,7 @@ class Stage:
         new = self.inputs.get(name)
         if recorded is None or new is None:
             return recorded is None and new is None
-        return recorded.get("hash") == new["hash"] or same_content(recorded.get("hash"), new["path"])
+        return same_content(recorded.get("hash"), new["path"], current=new["hash"])
 
     def differences(self, meta: dict[str, Any]) -> list[str]:
         old_cfg, old_in = self._identity(meta.get("config", {}), meta.get("inputs", {}))

@@ -107,7 +107,7 @@ def weights(run: Path) -> dict[str, bytes]:
             if p.is_file() and p.suffix in keep and "checkpoints" not in p.parts and "report" not in p.parts}
 
 
-def val_losses(run: Path) -> dict[str, float]:
+def eval_figures(run: Path) -> dict[str, tuple]:
     out = {}
     for m in sorted(run.glob("eval-*/metrics.json")):
         metrics = json.loads(m.read_text())
@@ -178,13 +178,12 @@ def test_killed_run_resumes_to_identical_outputs(assets, reference_run):
     assert not (run / "report").exists()
     done = run_cli("run", str(recipe), "--out", str(run), timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]
-    log = json.loads((run / "distill-a" / "meta.json").read_text())
-    assert log["status"] == "complete"
+    assert json.loads((run / "distill-a" / "meta.json").read_text())["status"] == "complete"
     got, want = weights(run), weights(ref)
     assert sorted(got) == sorted(want)
     differ = [name for name in want if got[name] != want[name]]
     assert not differ, f"files differ from the uninterrupted run: {differ}"
-    assert val_losses(run) == val_losses(ref)
+    assert eval_figures(run) == eval_figures(ref)
 
 
 @pytest.mark.parametrize("override, message", [

@@ -141,7 +141,7 @@ def store_bytes_per_token(top_k: int, encoding: str = "compact") -> float:
     return COMPACT_BYTES_PER_TOKEN[hi] + slope * (top_k - hi)
 
 
-def _info(spec: str, vocab_size: int | None = None) -> dict[str, Any]:
+def model_info_cached(spec: str, vocab_size: int | None = None) -> dict[str, Any]:
     """`famex.models.model_info` of a preset (at ``vocab_size``) or a model; cached: a GGUF header takes seconds."""
     return dict(_cached_info(str(spec), vocab_size))
 
@@ -162,7 +162,7 @@ def _teacher(spec: str, preset: str | None, where: str) -> tuple[dict[str, Any],
     here = spec == "default" or Path(spec).exists()
     if here:
         try:
-            return _info(spec), None
+            return model_info_cached(spec), None
         except (OSError, ValueError) as e:
             if not preset:
                 raise FamexError(f"{where}: could not read the teacher {spec}'s config ({e})") from None
@@ -173,13 +173,13 @@ def _teacher(spec: str, preset: str | None, where: str) -> tuple[dict[str, Any],
         )
     if preset not in PRESETS:
         raise FamexError(f"{where}: unknown teacher preset {preset!r}; valid presets: {', '.join(PRESETS)}")
-    return _info(preset), preset
+    return model_info_cached(preset), preset
 
 
 def _is_paper_teacher(info: dict[str, Any], preset: str | None) -> bool:
     if preset == PAPER_TEACHER:
         return True
-    ref = _info(PAPER_TEACHER)
+    ref = model_info_cached(PAPER_TEACHER)
     return all(info.get(k) == ref[k] for k in ("layers", "d_model", "mlp", "heads", "kv_heads", "vocab_size"))
 
 
@@ -302,7 +302,7 @@ def recipe_cost(recipe, teacher_preset: str | None = None) -> dict[str, Any]:
             store = _add_store(store, cfg, d)
         elif node.stage == "distill":
             student = str(cfg["student"])
-            info = _info(student, vocab)
+            info = model_info_cached(student, vocab)
             iters, batch = _schedule(cfg, student, f"{where} ({node.name})")
             paper = PAPER_TABLE2.get(student) if student in PAPER_TABLE2 else None
             row = stage_cost(node.name, info["params_total"], iters * batch * seq_len, "train", paper)
@@ -428,7 +428,7 @@ def run_cost(run_dir: str | Path, teacher_preset: str | None = None) -> dict[str
             if tokens is None:
                 not_costed.append((s.name, "its metrics.json has no token count"))
                 continue
-            params = m.get("params") or _info(str(s.path))["params_total"]
+            params = m.get("params") or model_info_cached(str(s.path))["params_total"]
             row = _training_row(s.name, s.stage, int(params), int(tokens))
             if s.stage == "distill":
                 student = str(cfg.get("student", ""))
@@ -484,12 +484,12 @@ def _run_quantize_row(s) -> dict[str, Any] | None:
     method = q.get("method") or s.config.get("method")
     if method == "gptq":
         calib = int(q.get("calib_tokens") or s.metrics.get("calib_tokens") or GPTQ_CALIBRATION_TOKENS)
-        return {**gptq_cost(s.name, _info(str(s.path)), calib), "stage": "quantize"}
+        return {**gptq_cost(s.name, model_info_cached(str(s.path)), calib), "stage": "quantize"}
     if method == "qad":
         tokens = s.metrics.get("tokens") or q.get("tokens")
         if not tokens:
             return None
-        return {**_training_row(s.name, "quantize", _info(str(s.path))["params_total"], int(tokens)), "kind": "train"}
+        return {**_training_row(s.name, "quantize", model_info_cached(str(s.path))["params_total"], int(tokens)), "kind": "train"}
     return None
 
 

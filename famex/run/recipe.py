@@ -36,6 +36,7 @@ import dataclasses
 import difflib
 import importlib
 import importlib.util
+import itertools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -147,7 +148,10 @@ def load_recipe(path: str | Path, out: str | None = None) -> Recipe:
     if "out" in data_cfg:
         raise FamexError(f"{where}: [data] out is set by the run (it writes {root / 'data'}); remove it")
     data_cfg.setdefault("tokenizer", teacher["model"])  # students and stores share the teacher's tokenizer
-    _check_vocab(raw, teacher, data_cfg, where)
+    students = raw.get("student", [])
+    if isinstance(students, dict):
+        students = [students]
+    _check_vocab(students, raw.get("chat", {}), teacher, data_cfg, where)
     data = add(Node("data", "data", {**data_cfg, "out": str(root / "data")}))
     data_dir = data.config["out"]
 
@@ -162,9 +166,6 @@ def load_recipe(path: str | Path, out: str | None = None) -> Recipe:
         }, deps=["data"]))
 
     # -- students
-    students = raw.get("student", [])
-    if isinstance(students, dict):
-        students = [students]
     shared = dict(raw.get("distill", {}))
     for key in ("student", "data", "logits", "out"):
         if key in shared:
@@ -295,51 +296,50 @@ def load_recipe(path: str | Path, out: str | None = None) -> Recipe:
     return Recipe(path, raw, name, root, run.get("minutes"), nodes)
 
 
-def _check_vocab(raw: dict[str, Any], teacher: dict[str, Any], data_cfg: dict[str, Any], where: str) -> None:
+def _check_vocab(students: list[dict[str, Any]], chat: dict[str, Any], teacher: dict[str, Any],
+                 data_cfg: dict[str, Any], where: str) -> None:
     """Refuse, before any work, models and tokenizers whose vocabulary the teacher's logits cannot cover.
 
     Checked where the files are here (a teacher that is only named, e.g. for a dry run of the
     paper's recipe, is not): the data's tokenizer must fit the teacher's vocabulary, and students
     given as model directories and the chat teacher must have exactly the teacher's.
     """
-    from famex.eval.costcli import _info
+    from famex.eval.costcli import model_info_cached
 
-    spec = str(teacher["model"])
-    if not (spec == "default" or Path(spec).exists()):
-        return
-    try:
-        vocab = int(_info(spec)["vocab_size"])
-    except (OSError, ValueError, KeyError) as e:
-        raise FamexError(f"{where}: [teacher] model {spec}: cannot read its config ({e})") from None
+    def here(path: str) -> bool:
+        return path == "default" or Path(path).exists()
 
-    def model_vocab(path: str, field: str) -> int | None:
-        if not (path == "default" or Path(path).exists()):
+    def vocab_of(path: str, field: str) -> int | None:
+        if not here(path):
             return None
         try:
-            return int(_info(path)["vocab_size"])
+            return int(model_info_cached(path)["vocab_size"])
         except (OSError, ValueError, KeyError) as e:
             raise FamexError(f"{where}: {field} {path}: cannot read its config ({e})") from None
 
+    spec = str(teacher["model"])
+    vocab = vocab_of(spec, "[teacher] model")
+    if vocab is None:
+        return
     tok = str(data_cfg.get("tokenizer", spec))
-    if tok != spec and (tok == "default" or Path(tok).exists()):
+    if tok != spec and here(tok):
         from famex.models import load_tokenizer
 
         n = len(load_tokenizer(tok))
         if n > vocab:
             raise FamexError(f"{where}: [data] tokenizer {tok} has {n:,} tokens but the teacher {spec} scores only {vocab:,}: "
                              "the corpus must be tokenized with the teacher's tokenizer (remove [data] tokenizer)")
-    for st in raw.get("student", []) if isinstance(raw.get("student"), list) else [raw.get("student", {})]:
+    for st in students:
         if "model" in st:
-            v = model_vocab(str(st["model"]), f"[[student]] {st.get('name')!r} model")
+            v = vocab_of(str(st["model"]), f"[[student]] {st.get('name')!r} model")
             if v is not None and v != vocab:
                 raise FamexError(f"{where}: [[student]] {st.get('name')!r} model {st['model']} has a vocabulary of {v:,}, the "
                                  f"teacher {spec} {vocab:,}: a student must share the teacher's vocabulary (use preset = NAME "
                                  "to build one at the teacher's)")
-    chat_teacher = raw.get("chat", {}).get("teacher")
-    if chat_teacher:
-        v = model_vocab(str(chat_teacher), "[chat] teacher")
+    if chat.get("teacher"):
+        v = vocab_of(str(chat["teacher"]), "[chat] teacher")
         if v is not None and v != vocab:
-            raise FamexError(f"{where}: [chat] teacher {chat_teacher} has a vocabulary of {v:,}, the [teacher] model {vocab:,}: "
+            raise FamexError(f"{where}: [chat] teacher {chat['teacher']} has a vocabulary of {v:,}, the [teacher] model {vocab:,}: "
                              "the instruct teacher must share the students' vocabulary")
 
 
@@ -417,37 +417,32 @@ def _quantize_nodes(section: dict[str, Any] | None, sources: dict[str, tuple[Nod
         for nf in fusions:
             if not isinstance(nf, bool):
                 raise FamexError(f"{here}: norm_fusion must list booleans (false, true), not {nf!r}")
-        for name in models:
+        for name, fmt, method, nf in itertools.product(models, formats, methods, fusions):
             source, kind = sources[name]
             data, store, val_store = stores[kind]
-            label = name.replace(":", "-")
-            for fmt in formats:
-                for method in methods:
-                    for nf in fusions:
-                        vname = f"quantize-{label}-{fmt}-{method}" + ("-nf" if nf else "")
-                        config = {**section, **per_method.get(method, {}), **entry, "model": source.config["out"],
-                                  "format": fmt, "method": method, "norm_fusion": nf, "out": str(root / vname)}
-                        deps = [source.name]
-                        if method == "qad":
-                            if store is None:
-                                what = "[logits]" if kind == "base" else "[chat] logits = true"
-                                raise FamexError(f"{here}: QAD of {name!r} distils from the teacher's stored logits over its "
-                                                 f"training data; this recipe has none ({what})")
-                            config.update(data=data, logits=store.config["out"])
-                            # QAD keeps the global batch the model was trained with; written here so
-                            # that the plan's cost table counts its tokens too.
-                            if source.config.get("global_batch"):
-                                config.setdefault("global_batch", source.config["global_batch"])
-                            deps += [store.name]
-                            if val_store is not None:
-                                config["val_logits"] = val_store.config["out"]
-                                deps.append(val_store.name)
-                        elif needs_calibration(parse_format(fmt), method):
-                            config["calib"] = data
-                        if kind == "instruct" and data:
-                            deps.append("data-chat")
-                        nodes.append(add(Node(vname, "quantize", config, deps,
-                                              {"source": source.name, "kind": kind, "model": name})))
+            vname = f"quantize-{name.replace(':', '-')}-{fmt}-{method}" + ("-nf" if nf else "")
+            config = {**section, **per_method.get(method, {}), **entry, "model": source.config["out"],
+                      "format": fmt, "method": method, "norm_fusion": nf, "out": str(root / vname)}
+            deps = [source.name]
+            if method == "qad":
+                if store is None:
+                    what = "[logits]" if kind == "base" else "[chat] logits = true"
+                    raise FamexError(f"{here}: QAD of {name!r} distils from the teacher's stored logits over its "
+                                     f"training data; this recipe has none ({what})")
+                config.update(data=data, logits=store.config["out"])
+                # QAD keeps the global batch the model was trained with; written here so that the
+                # plan's cost table counts its tokens too.
+                if source.config.get("global_batch"):
+                    config.setdefault("global_batch", source.config["global_batch"])
+                deps.append(store.name)
+                if val_store is not None:
+                    config["val_logits"] = val_store.config["out"]
+                    deps.append(val_store.name)
+            elif needs_calibration(parse_format(fmt), method):
+                config["calib"] = data
+            if kind == "instruct" and data:
+                deps.append("data-chat")
+            nodes.append(add(Node(vname, "quantize", config, deps, {"source": source.name, "kind": kind, "model": name})))
     return nodes
 
 
@@ -461,7 +456,7 @@ def _export_nodes(section: dict[str, Any] | None, quant_nodes: list[Node], root:
     for key in ("model", "to", "out"):
         if key in section:
             raise FamexError(f"{where}: [export] {key} is set per variant by the run; filter with methods / formats / "
-                             "norm_fusion / models and map formats with targets = {{format = \"mlx\"}}")
+                             "norm_fusion / models and map formats with targets = {format = \"mlx\"}")
     targets = dict(filters.get("targets", {}))
     for fmt, target in targets.items():
         if target not in ("mlx", "compressed-tensors", "hf"):
