@@ -72,3 +72,51 @@ def tiny_data(tmp_path_factory, tokenizer_dir):
     out = root / "data"
     prepare(DataConfig(input=[str(src)], out=str(out), tokenizer=str(tokenizer_dir), seq_len=64, val_fraction=0.1, workers=1))
     return out
+
+
+# Tiny causal LMs and packed calibration batches for the quantization tests.
+QUANT_VOCAB = 128
+
+
+def tiny_lm(arch: str = "llama", tie: bool = False, hidden: int = 64, seed: int = 0):
+    """A 2-layer random Llama or Apertus of vocabulary `QUANT_VOCAB`, norms away from 1 (so norm fusion acts)."""
+    import torch
+    from transformers import ApertusConfig, AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(seed)
+    kw = dict(vocab_size=QUANT_VOCAB, hidden_size=hidden, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, tie_word_embeddings=tie)
+    config = (ApertusConfig if arch == "apertus" else LlamaConfig)(**kw)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(torch.rand_like(p) + 0.5)
+    return model
+
+
+def packed_calib(n: int = 3, rows: int = 2, T: int = 32, seed: int = 0, labels: bool = True) -> list[dict]:
+    """Packed rows of two documents: restarted positions, block-diagonal causal 4-D masks."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    cut = T // 3
+    seg = torch.cat([torch.zeros(cut), torch.ones(T - cut)]).long()
+    pos = torch.cat([torch.arange(cut), torch.arange(T - cut)]).expand(rows, T).clone()
+    mask = ((seg[:, None] == seg[None, :]) & torch.tril(torch.ones(T, T, dtype=torch.bool))).expand(rows, 1, T, T).clone()
+    batches = []
+    for _ in range(n):
+        b = {"input_ids": torch.randint(0, QUANT_VOCAB, (rows, T), generator=g), "position_ids": pos, "attention_mask": mask}
+        if labels:
+            b["labels"] = torch.zeros(rows, T, dtype=torch.long)
+        batches.append(b)
+    return batches
+
+
+def logits_of(model, batches: list[dict]):
+    """The model's logits over ``batches``, concatenated (no gradient)."""
+    import torch
+
+    with torch.no_grad():
+        return torch.cat([model(input_ids=b["input_ids"], position_ids=b["position_ids"],
+                                attention_mask=b["attention_mask"]).logits for b in batches])

@@ -18,8 +18,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import ApertusConfig, AutoModelForCausalLM, LlamaConfig
+from transformers import AutoModelForCausalLM
 
+from conftest import logits_of as _logits, packed_calib, tiny_lm as _tiny
 from famex.errors import FamexError
 from famex.quant import dequantize, fake_quant, on_grid, parse_format, quantize, quantize_model
 from famex.quant.checkpoint import load_qparams, load_quantized
@@ -28,7 +29,6 @@ from famex.quant.model import attach_activation_quant
 from famex.quant.qad import attach_fake_quant, check_ste, fake_quant_modules, init_quantization, snap_to_grid
 from famex.stage import read_meta
 
-VOCAB = 128
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -40,32 +40,8 @@ def one_thread():
     torch.set_num_threads(old)
 
 
-def _tiny(arch="apertus", seed=0):
-    torch.manual_seed(seed)
-    kw = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2)
-    config = (ApertusConfig if arch == "apertus" else LlamaConfig)(**kw)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(torch.rand_like(p) + 0.5)
-    return model
-
-
 def _calib(n=2, rows=2, T=32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    cut = T // 3
-    seg = torch.cat([torch.zeros(cut), torch.ones(T - cut)]).long()
-    pos = torch.cat([torch.arange(cut), torch.arange(T - cut)]).expand(rows, T).clone()
-    mask = ((seg[:, None] == seg[None, :]) & torch.tril(torch.ones(T, T, dtype=torch.bool))).expand(rows, 1, T, T).clone()
-    return [{"input_ids": torch.randint(0, VOCAB, (rows, T), generator=g), "position_ids": pos, "attention_mask": mask}
-            for _ in range(n)]
-
-
-def _logits(model, batches):
-    with torch.no_grad():
-        return torch.cat([model(**b).logits for b in batches])
+    return packed_calib(n, rows, T, seed, labels=False)
 
 
 # --------------------------------------------------------------------------- the STE through the model

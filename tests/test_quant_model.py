@@ -9,8 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
-from transformers import ApertusConfig, AutoModelForCausalLM, LlamaConfig
+from transformers import AutoModelForCausalLM
 
+from conftest import QUANT_VOCAB, logits_of as _logits, packed_calib as _calib, tiny_lm as _tiny
 from famex.errors import FamexError
 from famex.quant import (
     dequantize,
@@ -29,37 +30,7 @@ from famex.quant import (
 from famex.quant.fake_quant import global_scale_from_amax
 from famex.quant.model import detach_activation_quant, fused_global_scales
 
-VOCAB = 128
-
-
-def _tiny(arch="llama", tie=False, hidden=64, seed=0):
-    torch.manual_seed(seed)
-    kw = dict(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, tie_word_embeddings=tie)
-    config = (ApertusConfig if arch == "apertus" else LlamaConfig)(**kw)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(torch.rand_like(p) + 0.5)
-    return model
-
-
-def _calib(n=3, rows=2, T=32, seed=0):
-    """Packed rows of two documents: restarted positions, block-diagonal causal 4-D masks."""
-    g = torch.Generator().manual_seed(seed)
-    cut = T // 3
-    seg = torch.cat([torch.zeros(cut), torch.ones(T - cut)]).long()
-    pos = torch.cat([torch.arange(cut), torch.arange(T - cut)]).expand(rows, T).clone()
-    mask = ((seg[:, None] == seg[None, :]) & torch.tril(torch.ones(T, T, dtype=torch.bool))).expand(rows, 1, T, T).clone()
-    return [{"input_ids": torch.randint(0, VOCAB, (rows, T), generator=g), "position_ids": pos, "attention_mask": mask,
-             "labels": torch.zeros(rows, T, dtype=torch.long)} for _ in range(n)]
-
-
-def _logits(model, batches):
-    with torch.no_grad():
-        return torch.cat([model(input_ids=b["input_ids"], position_ids=b["position_ids"], attention_mask=b["attention_mask"]).logits
-                          for b in batches])
+VOCAB = QUANT_VOCAB
 
 
 def test_target_modules():
