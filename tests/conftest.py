@@ -120,3 +120,16 @@ def logits_of(model, batches: list[dict]):
     with torch.no_grad():
         return torch.cat([model(input_ids=b["input_ids"], position_ids=b["position_ids"],
                                 attention_mask=b["attention_mask"]).logits for b in batches])
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module of tiny-model tests: on a shared 2-core machine two spin-waiting
+    OpenMP threads made tiny forwards up to 25x slower. Modules opt in with
+    ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``; subprocesses get OMP_NUM_THREADS=1."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -28,13 +28,8 @@ from famex.stage import Stage, read_meta
 from famex.utils import atomic_write_json, read_json
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one thread is fastest on a shared machine (two spinning threads made forwards 25x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Tiny models: one torch thread (see conftest.one_torch_thread).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # --------------------------------------------------------------------------- references (no famex eval code)

@@ -33,14 +33,8 @@ def _tiny(arch="apertus", layers=2, seed=0):
     return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one thread is fastest, and on a shared, oversubscribed machine two spin-waiting
-    OpenMP threads made a 512-token forward 25x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Tiny models: one torch thread (see conftest.one_torch_thread).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -185,14 +185,8 @@ MIXED_CASES = {  # key: (arch, low format, recipe, high format, high's extra)
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one thread is fastest, and on a shared, oversubscribed machine two spin-waiting
-    OpenMP threads made a 512-token forward 25x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Tiny models: one torch thread (see conftest.one_torch_thread).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

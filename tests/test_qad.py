@@ -31,13 +31,8 @@ from famex.stage import read_meta
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Two spinning threads on a shared 2-core machine make tiny forwards many times slower.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+# Tiny models: one torch thread (see conftest.one_torch_thread).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _calib(n=2, rows=2, T=32, seed=0):

@@ -17,12 +17,8 @@ from famex.quant import load_qparams, load_quantized, parse_format, quantize_mod
 from famex.stage import read_meta
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+# Tiny models: one torch thread (see conftest.one_torch_thread).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def famex(*args):

@@ -25,13 +25,8 @@ REPO = Path(__file__).resolve().parents[1]
 STORE_FILES = ("manifest.json", "permutation.bin")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run ~25x faster on one thread on a busy machine; subprocesses get the same."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Tiny models: one torch thread (see conftest.one_torch_thread).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def subprocess_env() -> dict[str, str]:
