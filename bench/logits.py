@@ -59,12 +59,16 @@ def bare_pass(model, chunks, order, batch_size: int, keep_topk: int = 0):
     return len(order) * chunks.seq_len / (time.perf_counter() - t0), time.process_time() - c0, kept
 
 
-def codec_table(kept, vocab: int, seq_len: int) -> list[dict]:
-    """paper and compact (and compact with fixed k, for comparison) at k = 256 and 64, in one shard."""
+def codec_table(kept, vocab: int, seq_len: int, sweep: list[float] | None = None, ks=(256, 64)) -> list[dict]:
+    """paper and compact (and compact with fixed k, for comparison) at k = 256 and 64, in one shard.
+
+    ``sweep``: also compact at each of these adaptive-k thresholds (``drop_below``).
+    """
     rows = []
     n_tokens = len(kept) * seq_len
-    variants = (("paper", {}), ("compact", {}), ("compact, fixed k", {"drop_fraction": 0.0}))
-    for k in (256, 64):
+    variants = [("paper", {}), ("compact", {}), ("compact, fixed k", {"drop_below": 0.0})]
+    variants += [(f"compact, drop below {t:g}", {"drop_below": t}) for t in sweep or []]
+    for k in ks:
         chunks = []
         for i, (tok, ids, probs, mass) in enumerate(kept):
             m = mass + probs[:, k:].astype(np.float64).sum(1)  # top-k is a prefix of the sorted top-256
@@ -86,11 +90,13 @@ def codec_table(kept, vocab: int, seq_len: int) -> list[dict]:
             dec_s = time.thread_time() - t0
             pairs = [(c.ids, c.probs, c.mass_left, d.ids, d.probs, d.mass_left) for c, d in zip(chunks, decoded)]
             fwd = np.concatenate([codec.kl_decoded_vs_exact(*x) for x in pairs])
-            back = np.concatenate([codec.kl_exact_vs_decoded(*x, vocab) for x in pairs])
+            back = np.concatenate([codec.kl_exact_vs_decoded(*x) for x in pairs])
+            full = np.concatenate([codec.kl_decoded_vs_top_k(*x) for x in pairs])
             rows.append({
                 "encoding": name, "k": k, "bytes_per_token": len(data) / n_tokens,
                 "id_table_bytes_per_token": header.get("id_table", {}).get("bytes", 0) / n_tokens,
                 "kl_mean": float(fwd.mean()), "kl_max": float(fwd.max()), "kl_back_mean": float(back.mean()),
+                "kl_top_k_mean": float(full.mean()),
                 "mass_covered": float(np.mean([1 - c.mass_left.mean() for c in chunks])),
                 "mass_kept": float(np.mean([d.probs.astype(np.float64).sum(1).mean() for d in decoded])),
                 "mean_kept_k": float(np.mean([(d.probs > 0).sum(1).mean() for d in decoded])),
@@ -99,14 +105,14 @@ def codec_table(kept, vocab: int, seq_len: int) -> list[dict]:
     return rows
 
 
-def print_codec_table(kept, vocab: int, seq_len: int) -> None:
+def print_codec_table(kept, vocab: int, seq_len: int, sweep: list[float] | None = None, ks=(256, 64)) -> None:
     print(f"\n## Encodings on the teacher's top-k ({len(kept) * seq_len:,} tokens in one shard, every position)\n")
     print("| encoding | k | bytes/token | of which id table | KL(decoded ‖ exact) mean | max | KL(exact ‖ decoded) mean "
-          "| mass covered | mass kept | mean kept k | encode tok/s (CPU) | decode tok/s (CPU) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for r in codec_table(kept, vocab, seq_len):
+          "| KL(decoded ‖ top-k) mean | mass covered | mass kept | mean kept k | encode tok/s (CPU) | decode tok/s (CPU) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in codec_table(kept, vocab, seq_len, sweep, ks):
         print(f"| {r['encoding']} | {r['k']} | {r['bytes_per_token']:.1f} | {r['id_table_bytes_per_token']:.2f} | "
-              f"{r['kl_mean']:.2e} | {r['kl_max']:.2e} | {r['kl_back_mean']:.2e} | {r['mass_covered']:.4f} | "
+              f"{r['kl_mean']:.2e} | {r['kl_max']:.2e} | {r['kl_back_mean']:.2e} | {r['kl_top_k_mean']:.2e} | {r['mass_covered']:.4f} | "
               f"{r['mass_kept']:.4f} | {r['mean_kept_k']:.1f} | {r['encode_tok_s']:,.0f} | {r['decode_tok_s']:,.0f} |")
 
 
@@ -138,12 +144,16 @@ def main() -> None:
     ap.add_argument("--save-topk", help="save the teacher's top-256 of the run here (torch file) for --encodings-only")
     ap.add_argument("--encodings-only", metavar="TOPK_FILE",
                     help="only the encodings table, on a saved top-256 (no teacher run); e.g. 16k LAMBADA tokens")
+    ap.add_argument("--sweep", type=lambda v: [float(x) for x in v.split(",")], default=[],
+                    help="also compact at these adaptive-k thresholds (comma-separated --drop-below values)")
+    ap.add_argument("--k", type=lambda v: tuple(int(x) for x in v.split(",")), default=(256, 64),
+                    help="top-k values of the encodings table (prefixes of the top-256)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.encodings_only:
         kept, seq_len, vocab = load_cache(args.encodings_only, args.teacher)
-        print_codec_table(kept, vocab, seq_len)
+        print_codec_table(kept, vocab, seq_len, args.sweep, args.k)
         return
 
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="famex-bench-logits-"))
@@ -183,7 +193,7 @@ def main() -> None:
 
         if args.save_topk:
             save_cache(args.save_topk, kept, chunks.vocab_size)
-        print_codec_table(kept, chunks.vocab_size, chunks.seq_len)
+        print_codec_table(kept, chunks.vocab_size, chunks.seq_len, args.sweep, args.k)
 
         s = store.LogitStore(out)
         t0 = time.perf_counter()

@@ -39,13 +39,13 @@ from famex.teacher import codec, store
 from famex.teacher.generate import LogitsConfig, generate
 
 
-def transcode(src: Path, out: Path, *, kl_target: float, drop_fraction: float) -> dict:
+def transcode(src: Path, out: Path, *, kl_target: float, drop_below: float) -> dict:
     """Write ``src`` (a paper store) again as a compact store in ``out``: same chunks, order and shards."""
     s = store.LogitStore(src)
     m = s.manifest
     keys = [k for k in m if k not in ("format", "format_version", "chunks", "tokens", "bytes", "permutation", "shards", "store_id")]
     params = {k: m[k] for k in keys}
-    params.update(encoding="compact", kl_target=kl_target, drop_fraction=drop_fraction)
+    params.update(encoding="compact", kl_target=kl_target, drop_below=drop_below)
     params["store_id"] = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()
     out.mkdir(parents=True)
     entries = []
@@ -57,7 +57,7 @@ def transcode(src: Path, out: Path, *, kl_target: float, drop_fraction: float) -
             chunks.append(store.ChunkLogits(c.data_index, c.token_ids.numpy(), c.ids.numpy(), c.probs.numpy(),
                                             c.mass_left.double().numpy()))
         data = store.encode_shard(chunks, shard=si, position_start=a, encoding="compact", vocab_size=s.vocab_size, k=s.k,
-                                  seq_len=s.seq_len, kl_target=kl_target, drop_fraction=drop_fraction,
+                                  seq_len=s.seq_len, kl_target=kl_target, drop_below=drop_below,
                                   store_id=params["store_id"])
         entries.append(store.write_shard(out, data, si))
     return store.write_manifest(out, params, s.permutation, entries)
@@ -72,7 +72,8 @@ def store_figures(path: Path) -> dict:
         return sum(s[key] * s["kl_positions"] for s in stats) / n
 
     return {"bytes_per_token": m["bytes"] / m["tokens"], "kl_decoded_vs_exact": mean("kl_decoded_vs_exact"),
-            "kl_exact_vs_decoded": mean("kl_exact_vs_decoded"), "mean_kept_k": mean("mean_kept_k")}
+            "kl_exact_vs_decoded": mean("kl_exact_vs_decoded"), "kl_decoded_vs_top_k": mean("kl_decoded_vs_top_k"),
+            "mean_kept_k": mean("mean_kept_k"), "mass_kept": mean("mass_kept"), "mass_covered": mean("mass_covered")}
 
 
 def val_curve(log: Path) -> dict[int, tuple[float, float]]:
@@ -97,7 +98,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--eval-every", type=int, default=0, help="also validate every N steps and print the curves")
     ap.add_argument("--kl-target", type=float, default=codec.DEFAULT_KL_TARGET)
-    ap.add_argument("--drop-fraction", type=float, default=codec.DEFAULT_DROP_FRACTION)
+    ap.add_argument("--drop-below", type=float, default=codec.DEFAULT_DROP_BELOW)
     ap.add_argument("--teacher", default="default")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     ap.add_argument("--keep", help="keep the work directory here instead of a temp dir (reruns reuse finished stages)")
@@ -121,7 +122,7 @@ def main() -> None:
         compact = work / "compact-train"
         if not (compact / store.MANIFEST).is_file():
             shutil.rmtree(compact, ignore_errors=True)
-            transcode(stores["train"], compact, kl_target=args.kl_target, drop_fraction=args.drop_fraction)
+            transcode(stores["train"], compact, kl_target=args.kl_target, drop_below=args.drop_below)
 
         runs = {"paper": (stores["train"], 0), "compact": (compact, 0), "paper, seed 1": (stores["train"], 1)}
         results = {}
@@ -141,12 +142,12 @@ def main() -> None:
         val_tokens = store.LogitStore(stores["val"]).tokens
         print(f"\n## Students from paper vs compact stores ({args.student}, k = {args.top_k}, "
               f"{train_tokens:,} train / {val_tokens:,} val tokens, {args.iters} steps x {args.global_batch} x {args.seq_len})\n")
-        print("| store | bytes/token | KL(decoded ‖ exact) | KL(exact ‖ decoded) | mean kept k |")
-        print("|---|---|---|---|---|")
+        print("| store | bytes/token | KL(decoded ‖ exact) | KL(exact ‖ decoded) | KL(decoded ‖ top-k) | mass covered | mass kept | mean kept k |")
+        print("|---|---|---|---|---|---|---|---|")
         for name, path in (("paper", stores["train"]), ("compact", compact)):
             f = store_figures(path)
             print(f"| {name} | {f['bytes_per_token']:.1f} | {f['kl_decoded_vs_exact']:.2e} | {f['kl_exact_vs_decoded']:.2e} | "
-                  f"{f['mean_kept_k']:.1f} |")
+                  f"{f['kl_decoded_vs_top_k']:.2e} | {f['mass_covered']:.4f} | {f['mass_kept']:.4f} | {f['mean_kept_k']:.1f} |")
         print("\n| student trained from | seed | train loss | val CE | val KL to teacher (top-k) |")
         print("|---|---|---|---|---|")
         for name, (_, seed) in runs.items():

@@ -53,8 +53,8 @@ def kl(a, b):
     return sum(x * math.log(x / max(y, 1e-30)) for x, y in zip(a, b) if x > 0)
 
 
-def slow_kl_decoded_vs_exact(exact_ids, exact_probs, exact_mass, ids, probs, mass, vocab):
-    """D_KL(decoded || exact) over the whole vocabulary, token by token.
+def slow_kl_decoded_vs_top_k(exact_ids, exact_probs, exact_mass, ids, probs, mass, vocab):
+    """D_KL(decoded || exact top-k) over the whole vocabulary, token by token.
 
     The decoded side gives a dropped id 0 and spreads its left-out mass over the ids outside the
     exact top-k, like the exact side: over the full vocabulary that is the k + 1 bucket definition.
@@ -67,31 +67,35 @@ def slow_kl_decoded_vs_exact(exact_ids, exact_probs, exact_mass, ids, probs, mas
     return np.array(out)
 
 
-def slow_kl_exact_vs_decoded(exact_ids, exact_probs, exact_mass, ids, probs, mass, vocab):
-    """D_KL(exact || decoded) over the whole vocabulary; the decoded mass spread over every unlisted id."""
-    out = []
+def slow_kl_vs_listed(exact_ids, exact_probs, exact_mass, ids, probs, mass):
+    """Per token, (D_KL(decoded || exact top-k_t), D_KL(exact top-k_t || decoded)) from dicts.
+
+    The outcomes are the ids the decoded token lists and "tail"; the exact side's tail is its
+    left-out mass plus the exact probability of every id the decoded token does not list.
+    """
+    fwd, back = [], []
     for t in range(len(exact_ids)):
-        p, q = full_vocab(exact_ids, exact_probs, exact_mass, ids, probs, mass, vocab, t,
-                          lambda listed, exact: set(range(vocab)) - listed)
-        out.append(kl(p, q))
-    return np.array(out)
+        exact = dict(zip(exact_ids[t].tolist(), map(float, exact_probs[t])))
+        q = {int(i): float(x) for i, x in zip(ids[t], probs[t]) if x > 0}
+        p = {i: exact[i] for i in q}
+        p["tail"] = float(exact_mass[t]) + sum(v for i, v in exact.items() if i not in q)
+        q["tail"] = float(mass[t])
+        sp, sq = sum(p.values()), sum(q.values())
+        p = {i: v / sp for i, v in p.items()}
+        q = {i: v / sq for i, v in q.items()}
+        fwd.append(sum(q[i] * math.log(q[i] / p[i]) for i in q if q[i] > 0))
+        back.append(sum(p[i] * math.log(p[i] / q[i]) for i in p if p[i] > 0))
+    return np.array(fwd), np.array(back)
 
 
-def slow_keep(probs, mass, budget, threshold):
-    """Adaptive k, one token at a time: drop the smallest entry while the drop cost stays in bounds."""
-    keep = np.ones(probs.shape, dtype=bool)
-    costs = np.zeros(len(probs))
+def slow_keep(probs, drop_below):
+    """Adaptive k, one entry at a time: keep what is at least drop_below, and each token's top entry."""
+    keep = np.zeros(probs.shape, dtype=bool)
     for t in range(len(probs)):
-        m, dropped, cost = float(mass[t]), 0.0, 0.0
-        order = sorted(range(probs.shape[1]), key=lambda j: (float(probs[t, j]), j))
-        for j in order[:-1]:  # one entry always stays
-            d = dropped + float(probs[t, j])
-            c = 0.0 if d == 0 else (math.inf if m == 0 else (m + d) * math.log(1 + d / m))
-            if c > budget or c - cost > threshold:
-                break
-            keep[t, j], dropped, cost = False, d, c
-        costs[t] = cost
-    return keep, costs
+        top = max(range(probs.shape[1]), key=lambda j: (float(probs[t, j]), -j))
+        for j in range(probs.shape[1]):
+            keep[t, j] = j == top or float(probs[t, j]) >= drop_below
+    return keep
 
 
 def sorted_by_id(ids, probs):
@@ -117,7 +121,7 @@ def test_paper_round_trip_is_bit_exact():
 def test_compact_keeps_the_id_set_and_the_mass(k):
     vocab = 5000
     ids, probs, mass = teacher_like(50, vocab, k, seed=k)
-    dec = codec.decode(codec.encode(ids, probs, vocab, mass_left=mass, drop_fraction=0))
+    dec = codec.decode(codec.encode(ids, probs, vocab, mass_left=mass, drop_below=0))
     assert np.array_equal(np.sort(dec.ids, 1), np.sort(ids, 1))
     # mass on a log grid of 2**(1/512): relative error at most half a step
     assert np.all(np.abs(dec.mass_left / mass - 1) <= 2 ** (1 / 1024) - 1 + 1e-6)
@@ -125,60 +129,63 @@ def test_compact_keeps_the_id_set_and_the_mass(k):
     assert np.allclose(dec.probs.astype(np.float64).sum(1) + dec.mass_left, 1, atol=3e-6)
 
 
-def test_compact_kl_matches_slow_references_in_both_directions():
+def test_compact_kl_matches_slow_references():
     vocab, k = 3000, 64
     ids, probs, mass = teacher_like(40, vocab, k, seed=3)
-    for fraction in (0.0, codec.DEFAULT_DROP_FRACTION):
-        dec = codec.decode(codec.encode(ids, probs, vocab, mass_left=mass, drop_fraction=fraction))
+    for drop_below in (0.0, 1e-3):
+        dec = codec.decode(codec.encode(ids, probs, vocab, mass_left=mass, drop_below=drop_below))
         got = (ids, probs, mass, dec.ids, dec.probs, dec.mass_left)
-        fwd, back = codec.kl_decoded_vs_exact(*got), codec.kl_exact_vs_decoded(*got, vocab)
-        assert np.allclose(fwd, slow_kl_decoded_vs_exact(*got, vocab), rtol=1e-6, atol=1e-10)
-        assert np.allclose(back, slow_kl_exact_vs_decoded(*got, vocab), rtol=1e-6, atol=1e-10)
-        # The step rule and the drops spend about kl_target per token: not wildly above or below it.
+        fwd, back, full = codec.kl_decoded_vs_exact(*got), codec.kl_exact_vs_decoded(*got), codec.kl_decoded_vs_top_k(*got)
+        slow_fwd, slow_back = slow_kl_vs_listed(*got)
+        assert np.allclose(fwd, slow_fwd, rtol=1e-6, atol=1e-10)
+        assert np.allclose(back, slow_back, rtol=1e-6, atol=1e-10)
+        assert np.allclose(full, slow_kl_decoded_vs_top_k(*got, vocab), rtol=1e-6, atol=1e-10)
+        # The step rule spends about kl_target per token on the listed ids: not wildly above or below it,
+        # and the two directions agree to second order.
         assert 0.5 * codec.DEFAULT_KL_TARGET < fwd.mean() < 1.2 * codec.DEFAULT_KL_TARGET
-        if fraction == 0:  # same id sets: the two directions agree to second order
-            assert back.mean() == pytest.approx(fwd.mean(), rel=0.1)
-        else:  # a dropped id spread over the vocabulary costs more in the other direction
-            assert (dec.probs == 0).any() and back.mean() > fwd.mean()
+        assert back.mean() == pytest.approx(fwd.mean(), rel=0.1)
+        dropped = np.where(dec.probs > 0, 0, 1).sum(1) > 0
+        if drop_below == 0:  # same id sets: the whole top-k and the listed ids are one thing
+            assert not dropped.any() and np.allclose(full, fwd)
+        else:  # a dropped id costs about its own probability against the whole top-k, and at least -ln(1 - D)
+            assert dropped.any()
+            D = probs.astype(np.float64).sum(1) - np.array([probs[t][np.isin(ids[t], dec.ids[t])].sum() for t in range(len(ids))])
+            assert (full[dropped] > -np.log1p(-D[dropped]) - 1e-9).all()
 
 
 def test_kl_metrics_by_hand():
-    """Two ids and a tail: a dropped id costs about its mass one way and its log-ratio the other."""
+    """Two ids and a tail: a dropped id is part of the tail for the listed-id figures, not for the top-k one."""
     exact_ids, exact_p, exact_m = np.array([[5, 9]]), np.array([[0.7, 0.2]]), np.array([0.1])
-    ids, p, m = np.array([[9, -1]]), np.array([[0.2, 0.0]]), np.array([0.8])
-    # decoded {9: 0.2, 5: 0, tail: 0.8} against exact {5: 0.7, 9: 0.2, tail: 0.1}
-    assert codec.kl_decoded_vs_exact(exact_ids, exact_p, exact_m, ids, p, m)[0] == pytest.approx(0.8 * math.log(8))
-    # other way, V = 10: the decoded 0.8 is spread over 9 unlisted ids, 8 of them in the exact tail
-    q5, qtail = 0.8 / 9, 0.8 * 8 / 9
-    want = 0.7 * math.log(0.7 / q5) + 0.1 * math.log(0.1 / qtail)
-    assert codec.kl_exact_vs_decoded(exact_ids, exact_p, exact_m, ids, p, m, 10)[0] == pytest.approx(want)
+    ids, p, m = np.array([[9, -1]]), np.array([[0.25, 0.0]]), np.array([0.75])
+    # decoded {9: 0.25, tail: 0.75} against exact top-k_t {9: 0.2, tail: 0.8}
+    assert codec.kl_decoded_vs_exact(exact_ids, exact_p, exact_m, ids, p, m)[0] == pytest.approx(
+        0.25 * math.log(0.25 / 0.2) + 0.75 * math.log(0.75 / 0.8))
+    assert codec.kl_exact_vs_decoded(exact_ids, exact_p, exact_m, ids, p, m)[0] == pytest.approx(
+        0.2 * math.log(0.2 / 0.25) + 0.8 * math.log(0.8 / 0.75))
+    # against the whole top-k {5: 0.7, 9: 0.2, tail: 0.1}: id 5 is 0, the tail is 0.75
+    assert codec.kl_decoded_vs_top_k(exact_ids, exact_p, exact_m, ids, p, m)[0] == pytest.approx(
+        0.25 * math.log(0.25 / 0.2) + 0.75 * math.log(0.75 / 0.1))
 
 
-def test_keep_mask_matches_a_slow_greedy_and_holds_the_budget_per_token():
+def test_keep_mask_matches_a_slow_rule():
     ids, probs, mass = teacher_like(60, 4000, 48, seed=11)
-    probs[0, :] = probs[0, 0]  # ties
-    mass[1] = 0.0  # nothing can move into an exactly empty tail
-    for budget, threshold in ((3e-4, np.inf), (8e-4, 4e-5), (5e-3, 1e-4)):
-        keep, cost = codec.keep_mask(probs, mass, budget, threshold)
-        ref_keep, ref_cost = slow_keep(probs, mass, budget, threshold)
-        assert np.array_equal(keep, ref_keep)
-        assert np.allclose(cost, ref_cost, rtol=1e-9, atol=1e-15)
-        assert (cost <= budget).all() and keep.sum(1).min() >= 1 and keep[1].all()
-        dropped = np.where(keep, 0.0, probs.astype(np.float64))
+    probs[0, :] = probs[0, 0]  # ties: the first column stays
+    probs[1, :] = 1e-6  # a flat token below the threshold keeps one id
+    for drop_below in (0.0, 1e-4, 1e-3, 0.5):
+        keep = codec.keep_mask(probs, drop_below)
+        assert np.array_equal(keep, slow_keep(probs, drop_below))
+        assert keep.sum(1).min() >= 1
         # what was dropped is the tail: no kept entry is smaller than a dropped one
         assert (np.where(keep, probs, np.inf).min(1) >= np.where(keep, -np.inf, probs).max(1)).all()
-        m, D = mass, dropped.sum(1)
-        assert np.allclose(cost, np.where(D > 0, (m + D) * np.log1p(D / np.where(m > 0, m, 1)), 0))
-    assert not codec.keep_mask(probs, mass, 5e-3, 1e-4)[0].all()
-    assert codec.keep_mask(probs, mass, 0.0)[0].all()
+    assert codec.keep_mask(probs, 0.0).all()
+    assert not codec.keep_mask(probs, 1e-3).all()
 
 
 def test_adaptive_k_moves_the_dropped_mass_into_mass_left():
     vocab, k = 5000, 128
     ids, probs, mass = teacher_like(80, vocab, k, seed=12)
-    target = 9e-4
-    dec = codec.decode(codec.encode(ids, probs, vocab, mass_left=mass, kl_target=target, drop_fraction=0.9))
-    keep, cost = codec.keep_mask(probs, mass, 0.9 * target, target / 20)
+    dec = codec.decode(codec.encode(ids, probs, vocab, mass_left=mass, drop_below=2e-3))
+    keep = codec.keep_mask(probs, 2e-3)
     listed = dec.probs > 0
     assert (listed.sum(1) < k).any() and listed.sum(1).min() >= 1
     assert (dec.ids[~listed] == -1).all() and (dec.probs[~listed] == 0).all()
@@ -195,7 +202,7 @@ def test_kl_target_controls_error_and_size():
     ids, probs, mass = teacher_like(100, vocab, k, seed=4)
     results = []
     for target in (2e-3, 5e-4, 1e-4):
-        blob = codec.encode(ids, probs, vocab, mass_left=mass, kl_target=target, drop_fraction=0)
+        blob = codec.encode(ids, probs, vocab, mass_left=mass, kl_target=target, drop_below=0)
         dec = codec.decode(blob)
         results.append((len(blob), codec.kl_decoded_vs_exact(ids, probs, mass, dec.ids, dec.probs, dec.mass_left).mean()))
     sizes, kls = zip(*results)
@@ -261,11 +268,16 @@ def test_peaked_tokens_and_zero_mass():
     probs = np.zeros((3, k), np.float32)
     probs[:, 0] = 1.0  # all mass on one id, the rest exactly zero
     probs[1, :2] = [0.999999, 1e-6]
-    dec = codec.decode(codec.encode(ids, probs, vocab, mass_left=np.zeros(3)))
+    dec = codec.decode(codec.encode(ids, probs, vocab, mass_left=np.zeros(3), drop_below=0))
     assert np.all(dec.mass_left == 0)
     kl = codec.kl_decoded_vs_exact(ids, probs, np.zeros(3), dec.ids, dec.probs, dec.mass_left)
     assert np.all(kl < 1e-4)
     assert np.allclose(dec.probs.sum(1), 1, atol=1e-6)
+    # Adaptive k lists one id per token here: the 1e-6 moves into the left-out mass, the zeros go.
+    dec = codec.decode(codec.encode(ids, probs, vocab, mass_left=np.zeros(3)))
+    assert ((dec.probs > 0).sum(1) == 1).all() and (dec.ids[:, 0] == 0).all()
+    assert dec.mass_left[[0, 2]].tolist() == [0, 0] and dec.mass_left[1] == pytest.approx(1e-6, rel=1e-3)
+    assert np.all(codec.kl_decoded_vs_exact(ids, probs, np.zeros(3), dec.ids, dec.probs, dec.mass_left) < 1e-9)
 
 
 def test_bad_input_is_refused():
@@ -282,8 +294,8 @@ def test_bad_input_is_refused():
         codec.encode(ids, -probs, 100)
     with pytest.raises(ValueError, match=r"\[T, k\]"):
         codec.encode(ids, probs[:, :4], 100)
-    with pytest.raises(ValueError, match="drop_fraction"):
-        codec.encode(ids, probs, 100, drop_fraction=1.0)
+    with pytest.raises(ValueError, match="drop_below"):
+        codec.encode(ids, probs, 100, drop_below=1.0)
 
 
 def test_compact_blobs_of_store_format_1_are_refused():
@@ -298,6 +310,6 @@ def test_kl_metrics_refuse_ids_outside_the_exact_top_k():
     ids, probs, mass = teacher_like(3, 100, 4, seed=10)
     other = ids.copy()
     other[0, 0] = [i for i in range(100) if i not in ids[0]][0]
-    for f in (codec.kl_decoded_vs_exact, lambda *a: codec.kl_exact_vs_decoded(*a, 100)):
+    for f in (codec.kl_decoded_vs_exact, codec.kl_exact_vs_decoded, codec.kl_decoded_vs_top_k):
         with pytest.raises(ValueError, match="not in the exact top-k"):
             f(ids, probs, mass, other, probs, mass)

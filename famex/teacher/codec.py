@@ -53,17 +53,14 @@ ENCODINGS = ("paper", "compact")
 ENCODING_IDS = {"paper": 1, "compact": 3}
 _OLD_COMPACT = 2
 
-#: Default total KL budget of the compact encoding (nats per token, mean over a chunk): what the
-#: dropped tail and the probability quantization may cost together, in KL(decoded || exact).
-#: 10% under the 1e-3 target: the quantization's share is an estimate (measured within ~2%).
+#: Default KL budget of the compact encoding's probability quantization (nats per token, mean
+#: over a chunk), in KL(decoded || exact top-k_t): 10% under the 1e-3 target, because the step
+#: is set from an estimate of the error (measured within ~2%).
 DEFAULT_KL_TARGET = 9e-4
-#: Default per-token cap on the KL of adaptive k, as a fraction of the KL target (0 = fixed k).
-DEFAULT_DROP_FRACTION = 0.9
-#: One dropped id may add at most kl_target / 20 nats. Why: a drop saves ~1.3 bytes whatever the
-#: id's probability, and a halving of the quantization's KL costs ~12 bytes at k = 256, so bytes
-#: per nat are equal at a threshold of ~0.05-0.08 x the quantization's share; sweeps on the
-#: default teacher found the ratio 20 best at targets 4.5e-4 and 9e-4 (docs/store-format.md).
-_THRESHOLD_RATIO = 1 / 20
+#: Default adaptive-k threshold: ids of probability below it move into the left-out mass (0 =
+#: fixed k). Chosen on the default teacher as the largest round value that keeps a top-256 store
+#: of the demo corpus within 205 bytes/token (docs/store-format.md has the sweep).
+DEFAULT_DROP_BELOW = 2e-4
 
 #: zstd level: level 3 compresses these streams within 3% of level 19 at ~20x its speed.
 ZSTD_LEVEL = 3
@@ -108,41 +105,22 @@ def step_for(kl_target: float, k: float) -> float:
     return float(np.sqrt(6.0 * kl_target / max(k, 1.0)))
 
 
-def keep_mask(probs, mass_left, budget: float, threshold: float = np.inf) -> tuple[np.ndarray, np.ndarray]:
-    """Adaptive k: which entries each token keeps, and the KL its dropped entries cost.
+def keep_mask(probs, drop_below: float) -> np.ndarray:
+    """Adaptive k: which entries each token keeps (``[T, k]`` bool).
 
-    Per token, entries are dropped smallest first, their mass ``D`` moving into the left-out mass
-    ``m``. Over the k ids plus the left-out bucket, ``D_KL(decoded || exact)`` of the drop alone is
-    ``cost(D) = (m + D) ln(1 + D / m)``: the kept entries are unchanged, a dropped id has decoded
-    probability 0 and adds nothing, and the left-out bucket grows from ``m`` to ``m + D``. It is
-    ~D while D << m, so an id costs about its own probability; with ``m = 0`` nothing can be
-    dropped. Dropping goes on while the token's cost stays within ``budget`` nats and each drop
-    adds at most ``threshold`` nats (a drop saves about the same bytes whatever its probability,
-    so the cheapest KL is spent first across tokens, not just within one). At least one entry is
-    always kept.
-
-    Returns (keep [T, k] bool, cost [T] float64 nats).
+    An entry whose probability is below ``drop_below`` is dropped into the left-out mass, except
+    that every token keeps its most probable entry (ties: the first column). ``drop_below = 0``
+    keeps every entry (fixed k). A threshold on each id's probability, rather than a budget per
+    token, is the least mass moved for a given number of ids dropped: every listed id costs about
+    the same bytes whatever its probability, so the cheapest ids to stop listing are the least
+    probable ones of the whole chunk, wherever they are.
     """
     p = np.asarray(probs, dtype=np.float64)
     T, k = p.shape
-    if budget <= 0 or k == 0:
-        return np.ones((T, k), dtype=bool), np.zeros(T)
-    m = np.asarray(mass_left, dtype=np.float64)[:, None]
-    order = np.argsort(p, axis=1, kind="stable")  # ascending: the drop order
-    D = np.cumsum(np.take_along_axis(p, order, 1), axis=1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        cost = np.where(D > 0, (m + D) * np.log1p(D / m), 0.0)
-        added = np.diff(cost, axis=1, prepend=0.0)  # inf - inf (m = 0) is nan: never dropped
-    ok = (cost <= budget) & (added <= threshold)
-    # Both the cost and what each drop adds grow along the ascending order: the droppable entries
-    # are a prefix of it.
-    n_drop = np.where(ok.all(1), k, np.argmax(~ok, axis=1))
-    n_drop = np.minimum(n_drop, k - 1)
-    place = np.empty_like(order)
-    np.put_along_axis(place, order, np.arange(k)[None, :].repeat(T, 0), 1)
-    keep = place >= n_drop[:, None]
-    spent = np.where(n_drop > 0, cost[np.arange(T), np.maximum(n_drop - 1, 0)], 0.0)
-    return keep, spent
+    keep = p >= drop_below
+    if T and k:
+        keep[np.arange(T), np.argmax(p, axis=1)] = True
+    return keep
 
 
 def build_id_table(id_arrays: Iterable[np.ndarray], vocab_size: int) -> np.ndarray:
@@ -189,18 +167,17 @@ def encode(
     mass_left=None,
     table: np.ndarray | None = None,
     kl_target: float = DEFAULT_KL_TARGET,
-    drop_fraction: float = DEFAULT_DROP_FRACTION,
+    drop_below: float = DEFAULT_DROP_BELOW,
 ) -> bytes:
     """Encode one chunk: ``ids`` [T, k] ints, ``probs`` [T, k] float32, ``mass_left`` [T] or None.
 
     ``mass_left`` defaults to ``1 - sum(probs)``; pass the teacher's own value (computed from the
     logits outside the top-k) to keep it exact when the top-k holds nearly all the mass. For
     ``compact``: ``table`` is the shard's id table (`build_id_table`; without one, a table is built
-    from this chunk and embedded in the blob); ``kl_target`` is the mean KL(decoded || exact) per
-    token that dropping and quantization may cost together; adaptive k may spend up to
-    ``drop_fraction * kl_target`` of it on any one token, in drops of at most ``kl_target / 20``
-    each (`keep_mask`; ``drop_fraction = 0`` keeps all k ids). The quantization step is set per
-    chunk from what the dropping left of ``kl_target`` and the mean number of kept ids.
+    from this chunk and embedded in the blob); ids of probability below ``drop_below`` move into
+    the left-out mass (adaptive k, `keep_mask`; 0 keeps all k ids); ``kl_target`` is the mean
+    KL(decoded || exact top-k_t) per token that the quantization of the kept probabilities may
+    cost: the step is set per chunk from it and the mean number of kept ids.
     """
     ids = np.asarray(ids)
     probs = np.asarray(probs, dtype=np.float32)
@@ -218,10 +195,10 @@ def encode(
     if encoding == "compact":
         if not kl_target > 0:
             raise ValueError(f"kl_target must be positive, got {kl_target}")
-        if not 0 <= drop_fraction < 1:
-            raise ValueError(f"drop_fraction must be in [0, 1), got {drop_fraction}")
+        if not 0 <= drop_below < 1:
+            raise ValueError(f"drop_below must be a probability in [0, 1), got {drop_below}")
         mass = _mass_or_default(mass_left, probs)
-        return _encode_compact(ids.astype(np.int64), probs, mass, vocab_size, table, kl_target, drop_fraction)
+        return _encode_compact(ids.astype(np.int64), probs, mass, vocab_size, table, kl_target, drop_below)
     raise ValueError(f"unknown encoding {encoding!r}; choose one of {', '.join(ENCODINGS)}")
 
 
@@ -280,37 +257,46 @@ def blob_info(blob: bytes) -> dict:
 
 
 def kl_decoded_vs_exact(exact_ids, exact_probs, exact_mass, ids, probs, mass) -> np.ndarray:
-    """Per-token ``D_KL(decoded || exact)`` in nats (the store's ``kl_decoded_vs_exact``).
+    """Per-token ``D_KL(decoded || exact top-k_t)`` in nats (the store's ``kl_decoded_vs_exact``).
 
-    Both distributions live on the exact token's k ids plus one tail bucket for every other id.
-    The exact side is (exact probs, exact left-out mass). The decoded side gives each exact id its
-    decoded probability, 0 for an id the decoded token does not list (adaptive k dropped it; its
-    mass is in the decoded left-out mass), and the tail bucket the decoded left-out mass. Each
-    side is rescaled to total 1 first: an fp32 softmax is off by ~1e-6 in total, which would
-    otherwise show up as encoding error. Decoded ids must be a subset of the exact ones (padding
-    slots, probability 0, are ignored). With equal id sets this equals the full-vocabulary KL
-    under any common spreading of the left-out mass: it measures the encoding, not the top-k.
+    What the encoding loses on the ids it lists. Both distributions live on the ``k_t`` ids the
+    decoded token lists plus one tail bucket for every other id. The exact side is the teacher's
+    own probabilities of those ids, its tail the rest (its left-out mass plus the exact mass of
+    any id adaptive k dropped: the *exact top-k_t*); the decoded side is the decoded
+    probabilities and left-out mass. Each side is rescaled to total 1 first: an fp32 softmax is
+    off by ~1e-6 in total, which would otherwise show up as encoding error. Decoded ids must be a
+    subset of the exact ones (padding slots, probability 0, are ignored). Neither the top-k
+    truncation nor adaptive k's shorter lists count here; `kl_decoded_vs_top_k` counts the
+    latter.
+    """
+    p, pm, q, qm, listed = _aligned(exact_ids, exact_probs, exact_mass, ids, probs, mass)
+    p, pm = _restricted(p, pm, listed)
+    return _kl_terms(q, p).sum(1) + _kl_terms(qm, pm)
+
+
+def kl_exact_vs_decoded(exact_ids, exact_probs, exact_mass, ids, probs, mass) -> np.ndarray:
+    """Per-token ``D_KL(exact top-k_t || decoded)``: `kl_decoded_vs_exact` in the other direction."""
+    p, pm, q, qm, listed = _aligned(exact_ids, exact_probs, exact_mass, ids, probs, mass)
+    p, pm = _restricted(p, pm, listed)
+    return _kl_terms(p, q).sum(1) + _kl_terms(pm, qm)
+
+
+def kl_decoded_vs_top_k(exact_ids, exact_probs, exact_mass, ids, probs, mass) -> np.ndarray:
+    """Per-token ``D_KL(decoded || exact top-k)``: the encoding *and* adaptive k's dropped ids.
+
+    The outcomes are the exact token's k ids plus one tail bucket. An id adaptive k dropped has
+    decoded probability 0 and adds nothing itself; its mass moved into the decoded tail, whose
+    term grows from ``m`` to ``(m + D) ln(1 + D / m) ~ D``: a dropped id costs about its own
+    probability (at least ``-ln(1 - D)`` for a dropped mass ``D``, whatever the decoder did with
+    it). With no drops this equals `kl_decoded_vs_exact`.
     """
     p, pm, q, qm, _ = _aligned(exact_ids, exact_probs, exact_mass, ids, probs, mass)
     return _kl_terms(q, p).sum(1) + _kl_terms(qm, pm)
 
 
-def kl_exact_vs_decoded(exact_ids, exact_probs, exact_mass, ids, probs, mass, vocab_size: int) -> np.ndarray:
-    """Per-token ``D_KL(exact || decoded)`` in nats, the other direction, over the same k + 1 buckets.
-
-    Here a dropped id needs a decoded probability, and the rule is the only one a reader has: the
-    decoded left-out mass is spread evenly over the ``vocab_size - k_t`` ids the decoded token
-    does not list. A dropped id gets ``mass / (V - k_t)``; the tail bucket (the ``V - k`` ids
-    outside the exact top-k) gets ``mass (V - k) / (V - k_t)``. A dropped id that stood far above
-    the average left-out probability costs several times its own mass in this direction.
-    """
-    p, pm, q, qm, listed = _aligned(exact_ids, exact_probs, exact_mass, ids, probs, mass)
-    T, k = p.shape
-    free = vocab_size - listed.sum(1).astype(np.float64)  # ids the decoded token does not list
-    each = np.divide(qm, free, out=np.zeros_like(qm), where=free > 0)
-    q = np.where(listed, q, each[:, None])
-    qm = each * (vocab_size - k)
-    return _kl_terms(p, q).sum(1) + _kl_terms(pm, qm)
+def _restricted(p: np.ndarray, pm: np.ndarray, listed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The exact top-k_t: unlisted ids' probabilities moved into the tail."""
+    return np.where(listed, p, 0.0), pm + np.where(listed, 0.0, p).sum(1)
 
 
 def _aligned(exact_ids, exact_probs, exact_mass, ids, probs, mass):
@@ -392,7 +378,7 @@ def _n_streams(k: int) -> int:
     return 2 + (_N_BUCKETS + 3) + 2 * (_N_BUCKETS * len(_groups(k)) + 3)
 
 
-def _encode_compact(ids, probs, mass, vocab_size, table, kl_target, drop_fraction) -> bytes:
+def _encode_compact(ids, probs, mass, vocab_size, table, kl_target, drop_below) -> bytes:
     T, k = ids.shape
     if vocab_size > _MAX_VOCAB:
         raise ValueError(f"the compact encoding supports vocabularies up to {_MAX_VOCAB}, got {vocab_size}")
@@ -409,7 +395,7 @@ def _encode_compact(ids, probs, mass, vocab_size, table, kl_target, drop_fractio
         raise ValueError("a token lists the same id twice; top-k ids must be distinct")
 
     p_all = probs.astype(np.float64)
-    keep, spent = keep_mask(p_all, mass, drop_fraction * kl_target, kl_target * _THRESHOLD_RATIO)
+    keep = keep_mask(p_all, drop_below)
     kept = keep.sum(1)
     # Dropped entries sort after every kept one (rank >= vocab_size) and are cut off by `valid`.
     rank = np.where(keep, rank, vocab_size + rank)
@@ -419,9 +405,8 @@ def _encode_compact(ids, probs, mass, vocab_size, table, kl_target, drop_fractio
     valid = np.arange(k)[None, :] < kept[:, None]
     prev = np.concatenate([np.full((T, 1), -1, dtype=np.int64), rank[:, :-1]], 1)
     gaps = np.where(valid, rank - prev - 1, 0)
-    # What the dropping left of the KL budget goes to the quantization, spread over the kept ids.
-    mean_kept = kept.mean() if T else float(k)
-    step = step_for(kl_target - (spent.mean() if T else 0.0), mean_kept)
+    # The KL budget is spread evenly over the kept ids.
+    step = step_for(kl_target, kept.mean() if T else float(k))
     levels = np.where(valid, np.rint(np.sqrt(p) / step), 0).astype(np.int64)
     # The mass (with the dropped entries) is quantized first: the decoder reads it first and
     # derives the contexts from it.

@@ -54,13 +54,13 @@ class LogitsConfig:
     top_k: int = 256
     """Token ids (and probabilities) kept per position: the paper keeps 256."""
     encoding: Literal["compact", "paper"] = "compact"
-    """compact: adaptive k, sqrt-quantized probabilities, zstd (KL(decoded ‖ exact) about kl_target); paper: fp32 + int32, gzip (the paper's layout)."""
+    """compact: adaptive k, sqrt-quantized probabilities, zstd (KL(decoded ‖ exact top-k_t) about kl_target); paper: fp32 + int32, gzip (the paper's layout)."""
     temperature: float = 1.0
     """Softmax temperature of the stored distribution."""
     kl_target: float = codec.DEFAULT_KL_TARGET
-    """compact only: mean KL(decoded ‖ exact) per position that dropping and quantization may cost together (nats)."""
-    drop_fraction: float = codec.DEFAULT_DROP_FRACTION
-    """compact only: adaptive k may spend up to this fraction of kl_target on one position, dropping its smallest ids into the left-out mass; 0 keeps all top_k."""
+    """compact only: mean KL(decoded ‖ exact top-k_t) per position that quantizing the kept probabilities may cost (nats)."""
+    drop_below: float = codec.DEFAULT_DROP_BELOW
+    """compact only: adaptive k; ids of probability below this move into the left-out mass (each position keeps at least its top id); 0 keeps all top_k."""
     seed: int = 0
     """Seed of the chunk permutation (the store order, which the trainer follows)."""
     seq_len: int | None = None
@@ -87,10 +87,10 @@ class LogitsConfig:
             raise FamexError(f"--temperature must be positive, not {self.temperature}")
         if not self.kl_target > 0:
             raise FamexError(f"--kl-target must be positive, not {self.kl_target}")
-        if not 0 <= self.drop_fraction < 1:
+        if not 0 <= self.drop_below < 1:
             raise FamexError(
-                f"--drop-fraction {self.drop_fraction} must be in [0, 1): the share of --kl-target one position may "
-                "spend on dropped ids (0 keeps all --top-k; the rest of the target pays for the quantization)"
+                f"--drop-below {self.drop_below} must be a probability in [0, 1): ids less probable than it move "
+                "into the left-out mass (0 keeps all --top-k)"
             )
         if self.batch_size < 1 or self.workers < 1 or self.tokens_per_shard < 1:
             raise FamexError("--batch-size, --workers and --tokens-per-shard must be at least 1")
@@ -237,6 +237,7 @@ def _generate(cfg: LogitsConfig, d: Dist) -> Path:
             log(
                 f"famex logits: {manifest['tokens']:,} tokens in {len(all_entries)} shards, "
                 f"{metrics['bytes_per_token']:.1f} bytes/token, mean kept k {metrics['mean_kept_k']:.1f}, "
+                f"mass kept {metrics['mass_kept']:.4f} of {metrics['mass_covered']:.4f}, "
                 f"KL(decoded ‖ exact) {metrics['kl_decoded_vs_exact']:.1e}, in {out}"
             )
     except BaseException as e:
@@ -298,7 +299,7 @@ def _store_params(cfg: LogitsConfig, chunks, spec, stage: Stage, dtype: torch.dt
     }
     if cfg.encoding == "compact":
         params["kl_target"] = cfg.kl_target
-        params["drop_fraction"] = cfg.drop_fraction
+        params["drop_below"] = cfg.drop_below
     return params
 
 
@@ -332,7 +333,7 @@ def _run(model, chunks, permutation, plan, todo, params, cfg: LogitsConfig, d: D
     def write(si: int, shard_chunks: list[store.ChunkLogits]) -> tuple[int, dict]:
         data = store.encode_shard(
             shard_chunks, shard=si, position_start=plan[si][0], encoding=cfg.encoding, vocab_size=V, k=k, seq_len=T,
-            kl_target=cfg.kl_target, drop_fraction=cfg.drop_fraction, store_id=params["store_id"],
+            kl_target=cfg.kl_target, drop_below=cfg.drop_below, store_id=params["store_id"],
         )
         return si, store.write_shard(out, data, si)
 
@@ -396,6 +397,7 @@ def _metrics(manifest: dict[str, Any], generated_tokens: int, seconds: float, cp
         "mean_kept_k": sum(s["mean_kept_k"] * s["positions"] for s in stats) / positions,
         "kl_decoded_vs_exact": sampled("kl_decoded_vs_exact"),
         "kl_exact_vs_decoded": sampled("kl_exact_vs_decoded"),
+        "kl_decoded_vs_top_k": sampled("kl_decoded_vs_top_k"),
         "kl_positions": kl_positions,
         "tokens_generated": generated_tokens,
         "tokens_per_s": generated_tokens / seconds if seconds > 0 and generated_tokens else None,

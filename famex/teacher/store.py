@@ -114,7 +114,7 @@ def encode_shard(
     k: int,
     seq_len: int,
     kl_target: float = codec.DEFAULT_KL_TARGET,
-    drop_fraction: float = codec.DEFAULT_DROP_FRACTION,
+    drop_below: float = codec.DEFAULT_DROP_BELOW,
     store_id: str | None = None,
     kl_chunks: int = KL_SAMPLE_CHUNKS,
 ) -> bytes:
@@ -124,7 +124,8 @@ def encode_shard(
     so that resume never takes a shard of another store for one of this store. The header's
     ``stats`` hold, over all positions, the mean exact top-k mass, the mean mass the decoded ids
     keep and their mean number (adaptive k); and, measured by decoding up to ``kl_chunks`` of its
-    chunks (evenly spaced) and comparing with the exact input, the encoding's KL in both directions.
+    chunks (evenly spaced) and comparing with the exact input, the encoding's KL in both directions
+    (against the exact top-k_t) and the KL against the whole exact top-k (adaptive k's drops included).
     """
     if not chunks:
         raise ValueError("a shard needs at least one chunk")
@@ -145,7 +146,7 @@ def encode_shard(
     offset = 0
     if encoding == "compact":
         header["kl_target"] = float(kl_target)
-        header["drop_fraction"] = float(drop_fraction)
+        header["drop_below"] = float(drop_below)
         # One id table per shard: built from every chunk in it, so it costs <1 byte/token.
         table = codec.build_id_table((c.ids for c in chunks), vocab_size)
         blob = codec.encode_id_table(table, codec.used_entries(table, (c.ids for c in chunks)))
@@ -163,7 +164,7 @@ def encode_shard(
         tok = zstandard.ZstdCompressor(level=codec.ZSTD_LEVEL).compress(np.ascontiguousarray(token_ids, dtype="<u4").tobytes())
         logits = codec.encode(
             c.ids, c.probs, vocab_size, encoding=encoding, mass_left=c.mass_left, table=table, kl_target=kl_target,
-            drop_fraction=drop_fraction,
+            drop_below=drop_below,
         )
         records.append(
             {
@@ -194,13 +195,14 @@ def _shard_stats(chunks, logit_blobs, table, kl_chunks, vocab_size, encoding) ->
         kept = [np.full(len(c.ids), np.shape(c.ids)[1]) for c in chunks]
         kept_mass = np.concatenate([np.asarray(c.probs, dtype=np.float64).sum(1) for c in chunks])
     sample = sorted({int(round(x)) for x in np.linspace(0, len(chunks) - 1, min(max(kl_chunks, 0), len(chunks)))})
-    fwd, back = [], []
+    fwd, back, full = [], [], []
     for i in sample:
         c = chunks[i]
         dec = codec.decode(logit_blobs[i], table=table)
         exact = (c.ids, c.probs, _exact_mass(c), dec.ids, dec.probs, dec.mass_left)
         fwd.append(codec.kl_decoded_vs_exact(*exact))
-        back.append(codec.kl_exact_vs_decoded(*exact, vocab_size))
+        back.append(codec.kl_exact_vs_decoded(*exact))
+        full.append(codec.kl_decoded_vs_top_k(*exact))
     kl_positions = int(sum(len(x) for x in fwd))
     return {
         "positions": int(len(mass)),
@@ -210,6 +212,7 @@ def _shard_stats(chunks, logit_blobs, table, kl_chunks, vocab_size, encoding) ->
         "kl_positions": kl_positions,
         "kl_decoded_vs_exact": float(np.concatenate(fwd).mean()) if kl_positions else None,
         "kl_exact_vs_decoded": float(np.concatenate(back).mean()) if kl_positions else None,
+        "kl_decoded_vs_top_k": float(np.concatenate(full).mean()) if kl_positions else None,
     }
 
 
