@@ -116,6 +116,42 @@ def print_codec_table(kept, vocab: int, seq_len: int, sweep: list[float] | None 
               f"{r['mass_kept']:.4f} | {r['mean_kept_k']:.1f} | {r['encode_tok_s']:,.0f} | {r['decode_tok_s']:,.0f} |")
 
 
+def full_vocab_kl(model, chunks, order, ks, n_chunks: int = 4) -> list[dict]:
+    """KL from the teacher's whole softmax to what a store holds, on ``n_chunks`` chunks.
+
+    What a student that matched the store perfectly would still miss of the teacher: the stored
+    distribution over the whole vocabulary, its left-out mass spread evenly over the ids it does
+    not list (the only rule a reader has), against the teacher's full softmax, ``D_KL(teacher ||
+    store)`` per position. For ``paper`` this is the cost of the top-k truncation alone; the
+    compact rows add quantization and adaptive k's dropped ids.
+    """
+    V = chunks.vocab_size
+    variants = (("paper", {}), ("compact, fixed k", {"drop_below": 0.0}), ("compact", {}))
+    sums: dict[tuple[str, int], list[float]] = {}
+    with torch.inference_mode():
+        for i in order[:n_chunks]:
+            batch = collate([chunks[int(i)]])
+            logits = model(**model_inputs(batch, "sdpa")).logits[0, :, :V].double()
+            logp = torch.log_softmax(logits, -1)
+            ids256, probs256, mass256 = topk_of_logits(logits, max(ks))
+            for k in ks:
+                mass = mass256.double() + probs256[:, k:].double().sum(1)
+                for name, options in variants:
+                    blob = codec.encode(ids256[:, :k].numpy(), probs256[:, :k].numpy(), V, encoding=name.split(",")[0],
+                                        mass_left=mass.numpy(), **options)
+                    dec = codec.decode(blob)
+                    ids = torch.as_tensor(dec.ids, dtype=torch.int64)
+                    q = torch.as_tensor(dec.probs, dtype=torch.float64)
+                    listed = q > 0
+                    rest = torch.as_tensor(dec.mass_left, dtype=torch.float64) / (V - listed.sum(1))
+                    logq = rest.clamp_min(1e-300).log()[:, None].expand(-1, V).clone()
+                    r, c = listed.nonzero(as_tuple=True)
+                    logq[r, ids[r, c]] = q[r, c].log()
+                    kl = (logp.exp() * (logp - logq)).sum(1)
+                    sums.setdefault((name, k), []).extend(kl.tolist())
+    return [{"encoding": n, "k": k, "kl_mean": float(np.mean(v)), "kl_median": float(np.median(v))} for (n, k), v in sums.items()]
+
+
 def load_cache(path: str, teacher: str) -> tuple[list, int, int]:
     """Teacher top-256 saved by ``--save-topk``: (kept chunks, seq_len, vocab size)."""
     d = torch.load(path)
@@ -194,6 +230,12 @@ def main() -> None:
         if args.save_topk:
             save_cache(args.save_topk, kept, chunks.vocab_size)
         print_codec_table(kept, chunks.vocab_size, chunks.seq_len, args.sweep, args.k)
+        n_kl = min(4, len(order))
+        print(f"\n## What a store misses of the teacher's whole softmax ({n_kl} chunks, {n_kl * chunks.seq_len:,} positions)\n")
+        print("D_KL(teacher softmax ‖ store), the store's left-out mass spread evenly over the ids it does not list.\n")
+        print("| encoding | k | mean | median |\n|---|---|---|---|")
+        for r in full_vocab_kl(model, chunks, order, args.k, n_kl):
+            print(f"| {r['encoding']} | {r['k']} | {r['kl_mean']:.4f} | {r['kl_median']:.4f} |")
 
         s = store.LogitStore(out)
         t0 = time.perf_counter()

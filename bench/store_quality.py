@@ -9,15 +9,16 @@ One run, on the default teacher (SmolLM2-135M-Instruct) and the demo corpus:
    defaults), so both stores hold the same chunks without a second teacher pass. The only
    difference from `famex logits --encoding compact` is the left-out mass the encoder starts
    from: ``1 - sum(fp32 probs)`` instead of the teacher's own sum over the other ids;
-4. the same student (preset, seed, steps, batch, learning rate) distilled from each store, plus
-   a paper run with another seed, whose distance to the first paper run is the noise a difference
-   between paper and compact must be read against;
+4. the same student (preset, steps, batch, learning rate) distilled from each store (paper,
+   compact at the defaults, compact with fixed k) at each of ``--seeds`` seeds: the difference to
+   paper at the same seed is the store's effect, the spread between seeds the noise to read it
+   against;
 5. val CE (next-token, labels) and val KL to the teacher (over the val store's top-k, the
    trainer's own validation) side by side.
 
-Usage (about 25 minutes on 2 busy CPU cores with the defaults; the teacher forward is most of it):
+Usage (about 10 minutes on 2 idle CPU cores with the defaults: 9 students of ~40 s, the teacher stores ~2 min):
 
-    .venv/bin/python bench/store_quality.py [--max-tokens 24000] [--top-k 64] [--iters 100] [--eval-every 0] [--threads 2]
+    .venv/bin/python bench/store_quality.py [--max-tokens 24000] [--top-k 64] [--iters 100] [--seeds 2] [--eval-every 0] [--threads 2]
 """
 
 from __future__ import annotations
@@ -96,6 +97,7 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=100)
     ap.add_argument("--global-batch", type=int, default=4)
     ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--seeds", type=int, default=2, help="student seeds per store (the spread between seeds is the noise)")
     ap.add_argument("--eval-every", type=int, default=0, help="also validate every N steps and print the curves")
     ap.add_argument("--kl-target", type=float, default=codec.DEFAULT_KL_TARGET)
     ap.add_argument("--drop-below", type=float, default=codec.DEFAULT_DROP_BELOW)
@@ -119,24 +121,28 @@ def main() -> None:
             cfg.validate()
             stores[split] = generate(cfg)
         t_teacher = time.perf_counter() - t0
-        compact = work / "compact-train"
-        if not (compact / store.MANIFEST).is_file():
-            shutil.rmtree(compact, ignore_errors=True)
-            transcode(stores["train"], compact, kl_target=args.kl_target, drop_below=args.drop_below)
+        # Named by the encoder settings, so a kept work directory serves several of them.
+        arms = {"paper": stores["train"]}
+        for name, drop_below in (("compact", args.drop_below), ("compact, fixed k", 0.0)):
+            path = work / f"compact-train-kl{args.kl_target:g}-drop{drop_below:g}"
+            if not (path / store.MANIFEST).is_file():
+                shutil.rmtree(path, ignore_errors=True)
+                transcode(stores["train"], path, kl_target=args.kl_target, drop_below=drop_below)
+            arms[name] = path
 
-        runs = {"paper": (stores["train"], 0), "compact": (compact, 0), "paper, seed 1": (stores["train"], 1)}
         results = {}
-        for name, (logits, seed) in runs.items():
-            # named by what decides the weights, so a kept work directory serves several settings
-            out = work / f"student-{args.student}-{args.iters}x{args.global_batch}-lr{args.lr:g}-{name.replace(', ', '-').replace(' ', '')}"
-            cfg = DistillConfig(student=args.student, data=str(data), logits=str(logits), val_logits=str(stores["val"]),
-                                out=str(out), iters=args.iters, global_batch=args.global_batch, micro_batch=args.global_batch,
-                                lr=args.lr, seed=seed, save_every=0, eval_every=args.eval_every, log_every=10)
-            cfg.validate()
-            t1 = time.perf_counter()
-            distill(cfg)
-            results[name] = {**json.loads((out / "metrics.json").read_text()), "seconds": time.perf_counter() - t1,
-                             "curve": val_curve(out / "log.jsonl")}
+        for seed in range(args.seeds):
+            for name, logits in arms.items():
+                # named by what decides the weights, so a kept work directory serves several settings
+                out = work / f"student-{args.student}-{args.iters}x{args.global_batch}-lr{args.lr:g}-{logits.name}-seed{seed}"
+                cfg = DistillConfig(student=args.student, data=str(data), logits=str(logits), val_logits=str(stores["val"]),
+                                    out=str(out), iters=args.iters, global_batch=args.global_batch, micro_batch=args.global_batch,
+                                    lr=args.lr, seed=seed, save_every=0, eval_every=args.eval_every, log_every=10)
+                cfg.validate()
+                t1 = time.perf_counter()
+                distill(cfg)
+                results[name, seed] = {**json.loads((out / "metrics.json").read_text()), "seconds": time.perf_counter() - t1,
+                                       "curve": val_curve(out / "log.jsonl")}
 
         train_tokens = store.LogitStore(stores["train"]).tokens
         val_tokens = store.LogitStore(stores["val"]).tokens
@@ -144,29 +150,36 @@ def main() -> None:
               f"{train_tokens:,} train / {val_tokens:,} val tokens, {args.iters} steps x {args.global_batch} x {args.seq_len})\n")
         print("| store | bytes/token | KL(decoded ‖ exact) | KL(exact ‖ decoded) | KL(decoded ‖ top-k) | mass covered | mass kept | mean kept k |")
         print("|---|---|---|---|---|---|---|---|")
-        for name, path in (("paper", stores["train"]), ("compact", compact)):
+        for name, path in arms.items():
             f = store_figures(path)
             print(f"| {name} | {f['bytes_per_token']:.1f} | {f['kl_decoded_vs_exact']:.2e} | {f['kl_exact_vs_decoded']:.2e} | "
                   f"{f['kl_decoded_vs_top_k']:.2e} | {f['mass_covered']:.4f} | {f['mass_kept']:.4f} | {f['mean_kept_k']:.1f} |")
-        print("\n| student trained from | seed | train loss | val CE | val KL to teacher (top-k) |")
-        print("|---|---|---|---|---|")
-        for name, (_, seed) in runs.items():
-            r = results[name]
-            print(f"| {name.split(',')[0]} | {seed} | {r['train_loss']:.4f} | {r['val_ce']:.4f} | {r['val_kl']:.4f} |")
-        p, c, p1 = (results[n] for n in runs)
-        print(f"\ncompact - paper (same seed): val CE {c['val_ce'] - p['val_ce']:+.4f}, val KL {c['val_kl'] - p['val_kl']:+.4f}")
-        print(f"paper seed 1 - seed 0 (noise): val CE {p1['val_ce'] - p['val_ce']:+.4f}, val KL {p1['val_kl'] - p['val_kl']:+.4f}")
+        print("\n| student trained from | seed | train loss | val CE | val KL to teacher (top-k) | val CE − paper (same seed) | val KL − paper |")
+        print("|---|---|---|---|---|---|---|")
+        for (name, seed), r in results.items():
+            p = results["paper", seed]
+            print(f"| {name} | {seed} | {r['train_loss']:.4f} | {r['val_ce']:.4f} | {r['val_kl']:.4f} | "
+                  f"{r['val_ce'] - p['val_ce']:+.4f} | {r['val_kl'] - p['val_kl']:+.4f} |")
+        for name in arms:
+            if name != "paper":
+                d = [results[name, s]["val_ce"] - results["paper", s]["val_ce"] for s in range(args.seeds)]
+                print(f"\n{name} − paper, val CE over {args.seeds} seeds: mean {np.mean(d):+.4f} (each: {', '.join(f'{x:+.4f}' for x in d)})")
+        if args.seeds > 1:
+            spread = [results["paper", s]["val_ce"] - results["paper", 0]["val_ce"] for s in range(1, args.seeds)]
+            print(f"paper seed s − seed 0 (noise), val CE: {', '.join(f'{x:+.4f}' for x in spread)}")
         if args.eval_every:
-            print("\n| step | val CE paper | compact | Δ | paper seed 1 | Δ | val KL paper | compact | Δ | paper seed 1 | Δ |")
-            print("|---|---|---|---|---|---|---|---|---|---|---|")
-            for step in sorted(p["curve"]):
-                a, b, c1 = p["curve"][step], c["curve"].get(step), p1["curve"].get(step)
-                if b is None or c1 is None:
-                    continue
-                print(f"| {step} | {a[0]:.4f} | {b[0]:.4f} | {b[0] - a[0]:+.4f} | {c1[0]:.4f} | {c1[0] - a[0]:+.4f} | "
-                      f"{a[1]:.4f} | {b[1]:.4f} | {b[1] - a[1]:+.4f} | {c1[1]:.4f} | {c1[1] - a[1]:+.4f} |")
-        seconds = ", ".join(f"{results[n]['seconds']:.0f} s" for n in runs)
-        print(f"\nteacher stores {t_teacher:.0f} s; students {seconds}")
+            names = [n for n in arms if n != "paper"]
+            print("\n| step | seed | val CE paper | " + " | ".join(f"Δ {n}" for n in names) + " |")
+            print("|---|---|---|" + "---|" * len(names))
+            for seed in range(args.seeds):
+                curve = results["paper", seed]["curve"]
+                for step in sorted(curve):
+                    deltas = [results[n, seed]["curve"].get(step) for n in names]
+                    if any(x is None for x in deltas):
+                        continue
+                    print(f"| {step} | {seed} | {curve[step][0]:.4f} | " + " | ".join(f"{x[0] - curve[step][0]:+.4f}" for x in deltas) + " |")
+        seconds = sum(r["seconds"] for r in results.values())
+        print(f"\nteacher stores {t_teacher:.0f} s; {len(results)} students {seconds:.0f} s")
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)

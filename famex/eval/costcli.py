@@ -48,8 +48,9 @@ __all__ = ["cost_document", "recipe_cost", "run_cost", "store_bytes_per_token", 
 PAPER_TEACHER = "apertus-8b"
 """The preset whose logits and pre-training rows carry the paper's figures."""
 
-COMPACT_BYTES_PER_TOKEN = {64: 98.0, 128: 174.7, 160: 210.0, 192: 244.2, 256: 310.9}
-"""Measured compact-store bytes/token by top-k (docs/store-format.md, default teacher, 8k-token shards)."""
+COMPACT_BYTES_PER_TOKEN = {64: 86.3, 160: 146.3, 256: 175.7}
+"""Measured compact-store bytes/token by top-k at the encoder defaults (docs/store-format.md: default teacher,
+16,896 demo-corpus tokens in one shard; a full 131,072-token shard of a longer stretch of that corpus took 182.2 at k=256)."""
 
 PAPER_BYTES_PER_ENTRY = 8
 """The paper's layout: fp32 probability + int32 id per top-k entry (before gzip; ≈1.5 KB/token after at k=256)."""
@@ -371,7 +372,7 @@ def _add_store(store: dict[str, Any] | None, cfg: dict[str, Any], tokens: int) -
         bpt = store_bytes_per_token(top_k, encoding)
         source = (f"estimate: {encoding} encoding at top-k {top_k}, "
                   + ("8 bytes per entry (fp32 + int32), before gzip" if encoding == "paper"
-                     else "interpolated from bench-measured bytes/token (≈98 at k=64, ≈311 at k=256)"))
+                     else "interpolated from bench-measured bytes/token (≈86 at k=64, ≈176 at k=256)"))
     if store is None:
         return {"tokens": tokens, "bytes": bpt * tokens, "bytes_per_token": bpt, "source": source}
     total = store["tokens"] + tokens
