@@ -89,9 +89,8 @@ def codec_table(kept, vocab: int, seq_len: int, sweep: list[float] | None = None
                 decoded.append(codec.decode(data[o : o + rec["logits_bytes"]], table=table))
             dec_s = time.thread_time() - t0
             pairs = [(c.ids, c.probs, c.mass_left, d.ids, d.probs, d.mass_left) for c, d in zip(chunks, decoded)]
-            fwd = np.concatenate([codec.kl_decoded_vs_exact(*x) for x in pairs])
-            back = np.concatenate([codec.kl_exact_vs_decoded(*x) for x in pairs])
-            full = np.concatenate([codec.kl_decoded_vs_top_k(*x) for x in pairs])
+            kls = [codec.kl_metrics(*x) for x in pairs]
+            fwd, back, full = (np.concatenate([m[key] for m in kls]) for key in codec.KL_FIGURES)
             rows.append({
                 "encoding": name, "k": k, "bytes_per_token": len(data) / n_tokens,
                 "id_table_bytes_per_token": header.get("id_table", {}).get("bytes", 0) / n_tokens,

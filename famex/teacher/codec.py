@@ -272,16 +272,12 @@ def kl_decoded_vs_exact(exact_ids, exact_probs, exact_mass, ids, probs, mass) ->
     truncation nor adaptive k's shorter lists count here; `kl_decoded_vs_top_k` counts the
     latter.
     """
-    p, pm, q, qm, listed = _aligned(exact_ids, exact_probs, exact_mass, ids, probs, mass)
-    p, pm = _restricted(p, pm, listed)
-    return _kl_terms(q, p).sum(1) + _kl_terms(qm, pm)
+    return kl_metrics(exact_ids, exact_probs, exact_mass, ids, probs, mass)["kl_decoded_vs_exact"]
 
 
 def kl_exact_vs_decoded(exact_ids, exact_probs, exact_mass, ids, probs, mass) -> np.ndarray:
     """Per-token ``D_KL(exact top-k_t || decoded)``: `kl_decoded_vs_exact` in the other direction."""
-    p, pm, q, qm, listed = _aligned(exact_ids, exact_probs, exact_mass, ids, probs, mass)
-    p, pm = _restricted(p, pm, listed)
-    return _kl_terms(p, q).sum(1) + _kl_terms(pm, qm)
+    return kl_metrics(exact_ids, exact_probs, exact_mass, ids, probs, mass)["kl_exact_vs_decoded"]
 
 
 def kl_decoded_vs_top_k(exact_ids, exact_probs, exact_mass, ids, probs, mass) -> np.ndarray:
@@ -293,8 +289,22 @@ def kl_decoded_vs_top_k(exact_ids, exact_probs, exact_mass, ids, probs, mass) ->
     probability (at least ``-ln(1 - D)`` for a dropped mass ``D``, whatever the decoder did with
     it). With no drops this equals `kl_decoded_vs_exact`.
     """
-    p, pm, q, qm, _ = _aligned(exact_ids, exact_probs, exact_mass, ids, probs, mass)
-    return _kl_terms(q, p).sum(1) + _kl_terms(qm, pm)
+    return kl_metrics(exact_ids, exact_probs, exact_mass, ids, probs, mass)["kl_decoded_vs_top_k"]
+
+
+#: The names `kl_metrics` returns, as shard stats and metrics.json spell them.
+KL_FIGURES = ("kl_decoded_vs_exact", "kl_exact_vs_decoded", "kl_decoded_vs_top_k")
+
+
+def kl_metrics(exact_ids, exact_probs, exact_mass, ids, probs, mass) -> dict[str, np.ndarray]:
+    """The three per-token KL figures above, keyed by name, from one alignment of the two sides."""
+    p, pm, q, qm, listed = _aligned(exact_ids, exact_probs, exact_mass, ids, probs, mass)
+    pt, pmt = _restricted(p, pm, listed)
+    return {
+        "kl_decoded_vs_exact": _kl_terms(q, pt).sum(1) + _kl_terms(qm, pmt),
+        "kl_exact_vs_decoded": _kl_terms(pt, q).sum(1) + _kl_terms(pmt, qm),
+        "kl_decoded_vs_top_k": _kl_terms(q, p).sum(1) + _kl_terms(qm, pm),
+    }
 
 
 def _restricted(p: np.ndarray, pm: np.ndarray, listed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

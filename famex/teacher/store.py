@@ -180,12 +180,12 @@ def encode_shard(
         offset += len(tok) + len(logits)
     header["chunks"] = records
     header["payload_bytes"] = offset
-    header["stats"] = _shard_stats(chunks, logit_blobs, table, kl_chunks, vocab_size, encoding)
+    header["stats"] = _shard_stats(chunks, logit_blobs, table, kl_chunks, encoding)
     head = json.dumps(header, sort_keys=True, separators=(",", ":")).encode("utf-8")
     return _PREFIX.pack(MAGIC, FORMAT_VERSION, len(head), hashlib.sha256(head).digest()) + head + b"".join(payload)
 
 
-def _shard_stats(chunks, logit_blobs, table, kl_chunks, vocab_size, encoding) -> dict[str, Any]:
+def _shard_stats(chunks, logit_blobs, table, kl_chunks, encoding) -> dict[str, Any]:
     """Masses and kept counts over all positions; the decoded-vs-exact KLs over sampled chunks."""
     mass = np.concatenate([_exact_mass(c) for c in chunks])
     if encoding == "compact":  # from the mass and count streams alone
@@ -195,24 +195,20 @@ def _shard_stats(chunks, logit_blobs, table, kl_chunks, vocab_size, encoding) ->
         kept = [np.full(len(c.ids), np.shape(c.ids)[1]) for c in chunks]
         kept_mass = np.concatenate([np.asarray(c.probs, dtype=np.float64).sum(1) for c in chunks])
     sample = sorted({int(round(x)) for x in np.linspace(0, len(chunks) - 1, min(max(kl_chunks, 0), len(chunks)))})
-    fwd, back, full = [], [], []
+    kls: dict[str, list[np.ndarray]] = {}
     for i in sample:
         c = chunks[i]
         dec = codec.decode(logit_blobs[i], table=table)
-        exact = (c.ids, c.probs, _exact_mass(c), dec.ids, dec.probs, dec.mass_left)
-        fwd.append(codec.kl_decoded_vs_exact(*exact))
-        back.append(codec.kl_exact_vs_decoded(*exact))
-        full.append(codec.kl_decoded_vs_top_k(*exact))
-    kl_positions = int(sum(len(x) for x in fwd))
+        for key, v in codec.kl_metrics(c.ids, c.probs, _exact_mass(c), dec.ids, dec.probs, dec.mass_left).items():
+            kls.setdefault(key, []).append(v)
+    kl_positions = int(sum(len(x) for x in kls.get("kl_decoded_vs_exact", [])))
     return {
         "positions": int(len(mass)),
         "mass_covered": float(1.0 - mass.mean()),
         "mass_kept": float(kept_mass.mean()),
         "mean_kept_k": float(np.concatenate(kept).mean()),
         "kl_positions": kl_positions,
-        "kl_decoded_vs_exact": float(np.concatenate(fwd).mean()) if kl_positions else None,
-        "kl_exact_vs_decoded": float(np.concatenate(back).mean()) if kl_positions else None,
-        "kl_decoded_vs_top_k": float(np.concatenate(full).mean()) if kl_positions else None,
+        **{key: float(np.concatenate(kls[key]).mean()) if kl_positions else None for key in codec.KL_FIGURES},
     }
 
 
