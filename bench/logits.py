@@ -132,6 +132,7 @@ def full_vocab_kl(model, chunks, order, ks, n_chunks: int = 4) -> list[dict]:
             batch = collate([chunks[int(i)]])
             logits = model(**model_inputs(batch, "sdpa")).logits[0, :, :V].double()
             logp = torch.log_softmax(logits, -1)
+            p = logp.exp()
             ids256, probs256, mass256 = topk_of_logits(logits, max(ks))
             for k in ks:
                 mass = mass256.double() + probs256[:, k:].double().sum(1)
@@ -146,7 +147,7 @@ def full_vocab_kl(model, chunks, order, ks, n_chunks: int = 4) -> list[dict]:
                     logq = rest.clamp_min(1e-300).log()[:, None].expand(-1, V).clone()
                     r, c = listed.nonzero(as_tuple=True)
                     logq[r, ids[r, c]] = q[r, c].log()
-                    kl = (logp.exp() * (logp - logq)).sum(1)
+                    kl = (p * (logp - logq)).sum(1)
                     sums.setdefault((name, k), []).extend(kl.tolist())
     return [{"encoding": n, "k": k, "kl_mean": float(np.mean(v)), "kl_median": float(np.median(v))} for (n, k), v in sums.items()]
 
