@@ -60,7 +60,7 @@ def bare_pass(model, chunks, order, batch_size: int, keep_topk: int = 0):
 
 
 def codec_table(kept, vocab: int, seq_len: int, sweep: list[float] | None = None, ks=(256, 64)) -> list[dict]:
-    """paper and compact (and compact with fixed k, for comparison) at k = 256 and 64, in one shard.
+    """paper and compact (and compact with fixed k, for comparison) at each k of ``ks``, in one shard.
 
     ``sweep``: also compact at each of these adaptive-k thresholds (``drop_below``).
     """
