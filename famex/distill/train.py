@@ -20,16 +20,26 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from famex.config import add_config_arguments, resolve_config
+from famex.config import add_config_arguments, compose, resolve_config
 from famex.data.packing import IGNORE_INDEX, PackedChunks, chunk_permutation, collate, model_inputs
 from famex.distill.losses import LossOut, distill_loss
-from famex.distill.trainer import TRAIN_IDENTITY_EXCLUDE, TrainConfig, setup_distributed, stage_on_ranks, train
+from famex.distill.trainer import setup_distributed, stage_on_ranks, train
 from famex.errors import FamexError
 from famex.stage import Stage, require_complete, same_content
+from famex.train_options import TRAIN_IDENTITY_EXCLUDE, TrainOptions
+
+PRESET_DEFAULT = "the preset's paper value, else required"
 
 
+# The paper's pre-training recipe is TrainOptions' own defaults (AdEMAMix + WSD); a paper preset
+# gives iters, lr and global batch (famex.models.presets).
 @dataclass
-class DistillConfig(TrainConfig):
+@compose(TrainOptions, notes={"global_batch": PRESET_DEFAULT, "iters": PRESET_DEFAULT, "lr": PRESET_DEFAULT})
+class DistillConfig:
+    out: str = ""
+    """Output directory: the final Hugging Face model, checkpoints/, log.jsonl, meta.json, metrics.json."""
+    seed: int = 0
+    """Seed of the student's initialisation and of the chunk order when no logit store fixes it."""
     student: str = ""
     """A student preset (famex info --list) or a model directory to continue training."""
     data: str = ""
@@ -193,7 +203,7 @@ def validate_chunks(model, chunks: PackedChunks, store, rank: int, world: int, m
 # ---------------------------------------------------------------- the stage
 
 
-def resolve_schedule(cfg: TrainConfig, student: str) -> tuple[int, float, int]:
+def resolve_schedule(cfg: DistillConfig, student: str) -> tuple[int, float, int]:
     """iters, lr, global batch: explicit values, else the preset's paper values."""
     from famex.models import PRESETS
 

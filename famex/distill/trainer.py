@@ -40,73 +40,16 @@ import torch.distributed as dist
 from famex.distill.losses import LossOut
 from famex.distill.optim import AdEMAMix, cosine_schedule, lr_lambda, wsd_schedule
 from famex.errors import FamexError
+from famex.train_options import TRAIN_IDENTITY_EXCLUDE, TrainOptions  # noqa: F401 (re-exported)
 from famex.utils import atomic_dir, atomic_write_bytes, is_quiet, log, progress
 
 CKPT_DIR = "checkpoints"
 LOG_FILE = "log.jsonl"
 
 
-@dataclass
-class TrainConfig:
-    """Options every training stage shares (stage configs extend this)."""
-
-    out: str = ""
-    """Output directory: the final Hugging Face model, checkpoints/, log.jsonl, meta.json, metrics.json."""
-    global_batch: int | None = None
-    """Sequences per optimizer step (default: the preset's paper value, else required)."""
-    micro_batch: int = 1
-    """Sequences per forward/backward on one rank; the rest of the global batch is accumulated."""
-    iters: int | None = None
-    """Optimizer steps (default: the preset's paper value, else required)."""
-    lr: float | None = None
-    """Peak learning rate (default: the preset's paper value, else required)."""
-    optimizer: Literal["ademamix", "adamw"] = "ademamix"
-    """AdEMAMix (the paper's pre-training optimizer) or AdamW."""
-    weight_decay: float = 0.1
-    """Decoupled weight decay."""
-    betas: list[float] | None = None
-    """Optimizer betas (AdEMAMix: β1 β2 β3, default 0.9 0.999 0.9999; AdamW: β1 β2, default 0.9 0.95)."""
-    ademamix_alpha: float = 8.0
-    """AdEMAMix mixing weight α of the slow EMA (warmed up over the whole run, as in the paper)."""
-    schedule: Literal["wsd", "cosine", "constant"] = "wsd"
-    """Learning-rate schedule: warm-up/stable/decay, cosine, or constant after warm-up."""
-    warmup_fraction: float = 0.01
-    """Fraction of the steps spent in linear warm-up."""
-    decay_fraction: float = 0.2
-    """WSD: fraction of the steps in the final decay."""
-    decay_shape: Literal["linear", "cosine", "sqrt", "1-sqrt"] = "1-sqrt"
-    """WSD: shape of the final decay."""
-    min_lr_ratio: float = 0.0
-    """Learning rate at the end of the decay, as a fraction of the peak."""
-    grad_clip: float = 1.0
-    """Clip the global gradient norm to this value (0 = no clipping)."""
-    seed: int = 0
-    """Seed of the student's initialisation and of the chunk order when no logit store fixes it."""
-    save_every: int = 500
-    """Write a checkpoint every N steps (0 = only the final model)."""
-    keep_last: int = 3
-    """Checkpoints kept (older ones are deleted once a newer one is complete)."""
-    eval_every: int = 500
-    """Validate every N steps and at the end (0 = only at the end)."""
-    eval_chunks: int = 0
-    """Validation chunks per evaluation (0 = the whole validation split)."""
-    log_every: int = 10
-    """Write a log line every N steps."""
-    loss_chunk_tokens: int = 1024
-    """Tokens per lm_head chunk in the loss (memory ≈ this × vocabulary × 4 bytes)."""
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
-    """auto = bf16 autocast on GPU, fp32 on CPU."""
-    parallel: Literal["ddp", "fsdp"] = "ddp"
-    """Under torchrun: replicate the model (DDP) or shard it with FSDP2 fully_shard."""
-    device: str = "auto"
-    """auto, cpu, cuda."""
-    prefetch: int = 2
-    """Optimizer steps whose micro-batches a background thread prepares ahead (0 = none)."""
-
-
-# Options that change speed or bookkeeping, not the weights a run ends with.
-TRAIN_IDENTITY_EXCLUDE = ("save_every", "keep_last", "eval_every", "eval_chunks", "log_every", "prefetch",
-                          "device", "micro_batch", "loss_chunk_tokens")
+# The loop reads a stage config through the `TrainOptions` fields every training stage composes
+# (famex.train_options), plus its ``out``; both names stay importable from here.
+TrainConfig = TrainOptions
 
 
 class Task(Protocol):

@@ -33,18 +33,19 @@ import hashlib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
-from famex.config import add_config_arguments, resolve_config
+from famex.config import add_config_arguments, compose, resolve_config
 from famex.data.chat import ChatEncoder, PreferencePair, expand_chat_inputs, json_key, read_preferences, truncate
 from famex.distill.losses import LossOut
-from famex.distill.trainer import TRAIN_IDENTITY_EXCLUDE, TrainConfig, setup_distributed, stage_on_ranks, train
+from famex.distill.trainer import setup_distributed, stage_on_ranks, train
 from famex.errors import FamexError
 from famex.posttrain.losses import IGNORE_INDEX, dpo_loss, sequence_logps
 from famex.stage import Stage, content_hash, require_complete
+from famex.train_options import TRAIN_IDENTITY_EXCLUDE, TrainOptions
 from famex.utils import atomic_write_bytes, atomic_write_json, log, progress, read_json, sha256_bytes, sha256_file
 
 REFERENCE_FILE = "reference.safetensors"
@@ -52,7 +53,18 @@ REFERENCE_INFO = "reference.json"
 
 
 @dataclass
-class DpoConfig(TrainConfig):
+@compose(TrainOptions, global_batch=32, micro_batch=4, lr=5e-7, optimizer="adamw", weight_decay=0.0, schedule="cosine",
+         warmup_fraction=0.1, notes={
+             "micro_batch": "each pair is two sequences",
+             "lr": "DPO's usual value; small demo models need more",
+             "weight_decay": "none: the reference already anchors the policy",
+             "iters": "--epochs passes over the training pairs",
+         })
+class DpoConfig:
+    out: str = ""
+    """Output directory: the trained Hugging Face model, the cached reference log-probabilities, checkpoints/, log.jsonl, meta.json, metrics.json."""
+    seed: int = 0
+    """Seed of the order in which each epoch visits the training pairs."""
     model: str = ""
     """The policy's starting point: a model directory with a chat template (usually a famex sft output)."""
     data: list[str] = field(default_factory=list)
@@ -67,20 +79,6 @@ class DpoConfig(TrainConfig):
     """Fraction of pairs held out for validation, chosen by a hash of each record."""
     epochs: float = 1.0
     """Passes over the training pairs, when --iters is not given."""
-    global_batch: int | None = 32
-    """Preference pairs per optimizer step."""
-    micro_batch: int = 4
-    """Pairs per forward/backward on one rank (each pair is two sequences)."""
-    lr: float | None = 5e-7
-    """Peak learning rate (DPO's usual 5e-7; small demo models need more)."""
-    optimizer: Literal["ademamix", "adamw"] = "adamw"
-    """AdamW (post-training default) or AdEMAMix."""
-    weight_decay: float = 0.0
-    """Decoupled weight decay (none by default: the reference already anchors the policy)."""
-    schedule: Literal["wsd", "cosine", "constant"] = "cosine"
-    """Learning-rate schedule (post-training default: cosine)."""
-    warmup_fraction: float = 0.1
-    """Fraction of the steps spent in linear warm-up."""
 
     def validate(self) -> None:
         if not self.out:

@@ -29,17 +29,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from famex.config import add_config_arguments, resolve_config
+from famex.config import add_config_arguments, compose, resolve_config
 from famex.data.packing import PackedChunks
 from famex.distill.train import DistillTask, open_store
-from famex.distill.trainer import TRAIN_IDENTITY_EXCLUDE, TrainConfig, setup_distributed, stage_on_ranks, train
+from famex.distill.trainer import setup_distributed, stage_on_ranks, train
 from famex.errors import FamexError
 from famex.stage import Stage, read_meta, require_complete
+from famex.train_options import TRAIN_IDENTITY_EXCLUDE, TrainOptions
 from famex.utils import log
 
 
 @dataclass
-class SftConfig(TrainConfig):
+@compose(TrainOptions, optimizer="adamw", schedule="cosine", warmup_fraction=0.03, global_batch=64, notes={
+    "lr": "the distill run's post-annealing LR, lr × min_lr_ratio, or a tenth of its peak LR when that is 0",
+    "iters": "--epochs passes over the train split",
+})
+class SftConfig:
+    out: str = ""
+    """Output directory: the fine-tuned Hugging Face model, checkpoints/, log.jsonl, meta.json, metrics.json."""
+    seed: int = 0
+    """Seed of the chunk order when no logit store fixes it."""
     model: str = ""
     """The model to fine-tune: a model directory (a distilled student, or any causal LM with the data's tokenizer)."""
     data: str = ""
@@ -56,16 +65,6 @@ class SftConfig(TrainConfig):
     """Teacher mass outside the top-k (with --logits): renormalize the top-k, or keep it as one extra bucket."""
     epochs: float = 1.0
     """Passes over the train split, when --iters is not given."""
-    global_batch: int | None = 64
-    """Sequences (chunks of the data's seq_len) per optimizer step."""
-    lr: float | None = None
-    """Peak learning rate (default: the distill run's post-annealing LR, lr × min_lr_ratio, or a tenth of its peak LR when that is 0)."""
-    optimizer: Literal["ademamix", "adamw"] = "adamw"
-    """AdamW (post-training default) or AdEMAMix."""
-    schedule: Literal["wsd", "cosine", "constant"] = "cosine"
-    """Learning-rate schedule (post-training default: cosine)."""
-    warmup_fraction: float = 0.03
-    """Fraction of the steps spent in linear warm-up."""
 
     def validate(self) -> None:
         if not self.out:

@@ -31,10 +31,10 @@ from typing import Any, Literal
 
 import torch
 
-from famex.config import add_config_arguments, resolve_config
-from famex.distill.trainer import TRAIN_IDENTITY_EXCLUDE, TrainConfig
+from famex.config import add_config_arguments, compose, resolve_config
 from famex.errors import FamexError
 from famex.quant.formats import QuantFormat, parse_format
+from famex.train_options import TRAIN_IDENTITY_EXCLUDE, TrainOptions
 from famex.utils import log
 
 METHODS = ("rtn", "gptq", "qad")
@@ -44,9 +44,16 @@ CALIBRATION_ROWS = 4
 """Chunks per calibration forward (memory only: GPTQ sums its Hessians over all of them)."""
 
 
+# The paper's QAD optimizer: AdamW with a cosine schedule.
 @dataclass
-class QuantizeConfig(TrainConfig):
-    """`famex quantize` options; the training options (inherited) apply to ``--method qad`` only."""
+@compose(TrainOptions, help_prefix="qad: ", optimizer="adamw", schedule="cosine", weight_decay=0.0, notes={
+    "weight_decay": "decay would pull latent weights off the grid the start chose",
+    "lr": "a tenth of the peak LR the model was trained with, from its meta.json",
+    "global_batch": "the global batch the model was trained with, from its meta.json",
+    "iters": "--tokens / (global batch × sequence length)",
+})
+class QuantizeConfig:
+    """`famex quantize` options; the training options (composed `TrainOptions`) apply to ``--method qad`` only."""
 
     model: str = ""
     """The model to quantize: a model directory (famex distill / sft / dpo / average output), a .gguf file or 'default'."""
@@ -84,21 +91,8 @@ class QuantizeConfig(TrainConfig):
     """qad: train the scales (and MLX biases) too, with the LSQ gradient, instead of keeping the start's."""
     out: str = ""
     """Output directory: the quantized model (config.json, model.safetensors, quantization.json, qparams.safetensors), meta.json, metrics.json; qad adds checkpoints/ and log.jsonl."""
-    iters: int | None = None
-    """qad: optimizer steps (default: --tokens / (global batch × sequence length))."""
     seed: int = 0
     """Seed of the calibration sample (which chunks calibrate GPTQ and NVFP4 activation scales)."""
-    # The paper's QAD optimizer: AdamW with a cosine schedule.
-    optimizer: Literal["ademamix", "adamw"] = "adamw"
-    """qad: AdamW (the paper's QAD optimizer) or AdEMAMix."""
-    schedule: Literal["wsd", "cosine", "constant"] = "cosine"
-    """qad: learning-rate schedule (the paper's QAD: cosine)."""
-    weight_decay: float = 0.0
-    """qad: decoupled weight decay (0: decay would pull latent weights off the grid the start chose)."""
-    lr: float | None = None
-    """qad: peak learning rate (default: a tenth of the peak LR the model was trained with, from its meta.json)."""
-    global_batch: int | None = None
-    """qad: sequences per step (default: the global batch the model was trained with, from its meta.json)."""
 
     def validate(self) -> None:
         if not self.out:
