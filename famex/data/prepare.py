@@ -281,13 +281,9 @@ def _input_paths(cfg: DataConfig) -> list[Path]:
     """The input files, checked before the stage starts (none for the demo corpora)."""
     if cfg.demo or cfg.demo_chat:
         return []
-    if cfg.chat:
-        from famex.data.chat import expand_chat_inputs
-
-        return expand_chat_inputs(cfg.input)
     from famex.data.sources import expand_inputs
 
-    return expand_inputs(cfg.input)
+    return expand_inputs(cfg.input, "chat" if cfg.chat else "text")
 
 
 def _documents(cfg: DataConfig, paths: list[Path], out: Path) -> Iterator:

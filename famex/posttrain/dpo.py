@@ -39,7 +39,8 @@ import numpy as np
 import torch
 
 from famex.config import add_config_arguments, compose, resolve_config
-from famex.data.chat import ChatEncoder, PreferencePair, expand_chat_inputs, json_key, read_preferences, truncate
+from famex.data.chat import ChatEncoder, PreferencePair, json_key, read_preferences, truncate
+from famex.data.sources import expand_inputs
 from famex.distill.losses import LossOut
 from famex.distill.trainer import setup_distributed, stage_on_ranks, train
 from famex.errors import FamexError
@@ -132,7 +133,7 @@ def preference_paths(items: Sequence[str]) -> list[Path]:
                                  "(records with prompt, chosen, rejected) or a famex data --demo-chat directory")
             paths.append(path / prefs)
         else:
-            paths.extend(expand_chat_inputs([item]))
+            paths.extend(expand_inputs([item], "chat"))
     return paths
 
 
