@@ -60,8 +60,9 @@ def compose(options: type, *, help_prefix: str = "", notes: dict[str, str] | Non
     """Class decorator, under ``@dataclass``: add every field of the dataclass ``options`` to the class, flat.
 
     The class states only what differs for its stage: ``defaults`` replace the options' own,
-    ``notes`` say where a default comes from or why it is what it is (``--help`` shows them after
-    the default), ``help_prefix`` starts the help of every composed option (e.g. ``"qad: "``). The
+    ``notes`` say what an option means for this stage, where a default comes from (``"default: the
+    preset's value"``) or why it is what it is (``--help`` shows them after the default),
+    ``help_prefix`` starts the help of every composed option (e.g. ``"qad: "``). The
     fields keep their names, types and docstrings (`field_docs`), so constructor keywords, attribute
     access, CLI options, TOML keys and `config_dict` are those of a class declaring them itself. A
     class may not declare a field the options already have: its default belongs in ``defaults``.
@@ -140,7 +141,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, positional:
         if default not in (None, "", [], ()):
             help_text += f" (default: {default}; {note})" if note else f" (default: {default})"
         elif note:
-            help_text += f" (default: {note})"
+            help_text += f" ({note})"
         kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": help_text}
         origin = get_origin(base)
         if base is bool:

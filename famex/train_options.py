@@ -7,6 +7,9 @@ defaults are the paper's pre-training recipe (AdEMAMix + WSD); a stage states on
 (post-training and QAD: AdamW + cosine), once, in its ``compose(...)`` line, with a note where a
 default is worked out at run time (``--lr`` from the distill run, ``--iters`` from ``--epochs``).
 
+`DistillOptions` (which logit store, KL weight, temperature, tail) is composed the same way into
+the stages that distil from a store with a CE term beside the KL (`famex distill`, `famex sft`).
+
 What this module does not do: train (`famex.distill.trainer` reads these options), or declare the
 options that mean something different per stage (``out``, ``seed``: each stage says what they are).
 """
@@ -69,6 +72,23 @@ class TrainOptions:
     """auto, cpu, cuda."""
     prefetch: int = 2
     """Optimizer steps whose micro-batches a background thread prepares ahead (0 = none)."""
+
+
+@dataclass
+class DistillOptions:
+    """The distillation objective's options: the teacher's stored top-k and how the loss weighs it
+    (composed into `famex distill` and `famex sft`; QAD distils with KL alone and says its own)."""
+
+    logits: str = ""
+    """A `famex logits` store over the data's train split: the teacher's top-k the model distils from."""
+    val_logits: str = ""
+    """Optional store over the val split: validation then also reports KL to the teacher."""
+    kl_weight: float = 0.9
+    """Weight of the KL term; the CE term gets 1 − kl_weight (the paper's 0.9 / 0.1)."""
+    temperature: float = 1.0
+    """Distillation temperature (1 = the teacher's own distribution)."""
+    tail: Literal["renormalize", "bucket"] = "renormalize"
+    """Teacher mass outside the top-k: renormalize the top-k, or keep it as one extra bucket."""
 
 
 # Options that change speed or bookkeeping, not the weights a run ends with.

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,15 +26,16 @@ from famex.distill.losses import LossOut, distill_loss
 from famex.distill.trainer import setup_distributed, stage_on_ranks, train
 from famex.errors import FamexError
 from famex.stage import Stage, require_complete, same_content
-from famex.train_options import TRAIN_IDENTITY_EXCLUDE, TrainOptions
+from famex.train_options import TRAIN_IDENTITY_EXCLUDE, DistillOptions, TrainOptions
 
-PRESET_DEFAULT = "the preset's paper value, else required"
+PRESET_DEFAULT = "default: the preset's paper value, else required"
 
 
 # The paper's pre-training recipe is TrainOptions' own defaults (AdEMAMix + WSD); a paper preset
 # gives iters, lr and global batch (famex.models.presets).
 @dataclass
 @compose(TrainOptions, notes={"global_batch": PRESET_DEFAULT, "iters": PRESET_DEFAULT, "lr": PRESET_DEFAULT})
+@compose(DistillOptions, notes={"logits": "required; 'none' trains with CE alone, the baseline distillation must beat"})
 class DistillConfig:
     out: str = ""
     """Output directory: the final Hugging Face model, checkpoints/, log.jsonl, meta.json, metrics.json."""
@@ -44,16 +45,6 @@ class DistillConfig:
     """A student preset (famex info --list) or a model directory to continue training."""
     data: str = ""
     """A `famex data` directory (its train split is trained on, its val split validates)."""
-    logits: str = ""
-    """A `famex logits` store over the data's train split, or 'none' for CE-only training."""
-    val_logits: str = ""
-    """Optional store over the val split: validation then also reports KL to the teacher."""
-    kl_weight: float = 0.9
-    """Weight of the KL term; the CE term gets 1 − kl_weight (the paper's 0.9 / 0.1)."""
-    temperature: float = 1.0
-    """Distillation temperature (1 = the teacher's own distribution)."""
-    tail: Literal["renormalize", "bucket"] = "renormalize"
-    """Teacher mass outside the top-k: renormalize the top-k, or keep it as one extra bucket."""
 
     def validate(self) -> None:
         if not self.out:

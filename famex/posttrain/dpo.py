@@ -59,7 +59,7 @@ REFERENCE_INFO = "reference.json"
              "micro_batch": "each pair is two sequences",
              "lr": "DPO's usual value; small demo models need more",
              "weight_decay": "none: the reference already anchors the policy",
-             "iters": "--epochs passes over the training pairs",
+             "iters": "default: --epochs passes over the training pairs",
          })
 class DpoConfig:
     out: str = ""

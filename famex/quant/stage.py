@@ -49,9 +49,9 @@ CALIBRATION_ROWS = 4
 @dataclass
 @compose(TrainOptions, help_prefix="qad: ", optimizer="adamw", schedule="cosine", weight_decay=0.0, notes={
     "weight_decay": "decay would pull latent weights off the grid the start chose",
-    "lr": "a tenth of the peak LR the model was trained with, from its meta.json",
-    "global_batch": "the global batch the model was trained with, from its meta.json",
-    "iters": "--tokens / (global batch × sequence length)",
+    "lr": "default: a tenth of the peak LR the model was trained with, from its meta.json",
+    "global_batch": "default: the global batch the model was trained with, from its meta.json",
+    "iters": "default: --tokens / (global batch × sequence length)",
 })
 class QuantizeConfig:
     """`famex quantize` options; the training options (composed `TrainOptions`) apply to ``--method qad`` only."""
