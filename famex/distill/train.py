@@ -169,18 +169,17 @@ def packed_loss(model, batch, chunk_tokens: int, *, kl_weight: float, temperatur
 def validate_chunks(model, chunks: PackedChunks, store, rank: int, world: int, max_chunks: int = 0, *,
                     temperature: float = 1.0, tail: str = "renormalize", micro_batch: int = 4) -> dict[str, float]:
     """Mean next-token CE over the chunks (and KL to the teacher where a store is given), over all ranks."""
-    from famex.distill.trainer import Dist, all_reduce_sum
+    from famex.distill.trainer import Dist, all_reduce_sum, rank_batches
 
     n = len(chunks) if not max_chunks else min(max_chunks, len(chunks))
-    mine = list(range(rank, n, world))
     device = next(model.parameters()).device
     sums = torch.zeros(3, dtype=torch.float64, device=device)
-    for i in range(0, len(mine), micro_batch):
-        idx = mine[i: i + micro_batch]
+    for idx, counted in rank_batches(n, rank, world, micro_batch):
         samples = [_with_teacher(chunks, store, p) if store is not None else chunks[p] for p in idx]
         batch = {k: v.to(device) for k, v in collate(samples).items()}
         out = packed_loss(model, batch, 1024, kl_weight=0.0 if store is None else 1.0, temperature=temperature, tail=tail)
-        sums += torch.stack([out.ce_sum.double(), out.kl_sum.double(), out.count.double()])
+        if counted:
+            sums += torch.stack([out.ce_sum.double(), out.kl_sum.double(), out.count.double()])
     if world > 1:
         sums = all_reduce_sum(sums, Dist(rank, world, device=device))
     count = max(sums[2].item(), 1.0)
@@ -232,7 +231,7 @@ def distill(cfg: DistillConfig) -> Path:
         done = flag[0]
     if done:
         return out
-    with stage_on_ranks(stage, d):
+    with stage_on_ranks(stage, d) as finish:
         tokenizer_dir = Path(cfg.data) / "tokenizer"
         from transformers import AutoTokenizer
 
@@ -252,7 +251,7 @@ def distill(cfg: DistillConfig) -> Path:
             metrics = dict(result.metrics)
             metrics["params"] = sum(p.numel() for p in {id(p): p for p in result.model.parameters()}.values())
             metrics["objective"] = "kd" if store is not None else "ce"
-            stage.finish(metrics)
+            finish(metrics)
     return out
 
 
