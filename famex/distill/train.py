@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from famex.config import add_config_arguments, resolve_config
-from famex.data.packing import IGNORE_INDEX, PackedChunks, chunk_permutation, collate, model_inputs
+from famex.data.packing import IGNORE_INDEX, ChunkOrder, PackedChunks, collate, model_inputs
 from famex.distill.losses import LossOut, distill_loss
 from famex.distill.trainer import TRAIN_IDENTITY_EXCLUDE, TrainConfig, setup_distributed, stage_on_ranks, train
 from famex.errors import FamexError
@@ -104,7 +104,7 @@ class DistillTask:
                  temperature: float = 1.0, tail: str = "renormalize", val_chunks: PackedChunks | None = None,
                  val_store=None):
         self.chunks, self.store = chunks, store
-        self.order = None if store is not None else chunk_permutation(len(chunks), seed)
+        self.order = None if store is not None else ChunkOrder(len(chunks), seed)
         self.kl_weight, self.temperature, self.tail = kl_weight, temperature, tail
         self.val_chunks, self.val_store = val_chunks, val_store
         if len(chunks) == 0:

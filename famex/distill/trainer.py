@@ -188,7 +188,9 @@ def stage_on_ranks(stage, d: Dist):
 
 
 def _mark_failed(stage, d: Dist, error: BaseException) -> None:
-    if not d.main:
+    """The first failure reported wins: when rank 1 dies, rank 0 then fails too (its collective
+    loses the peer), and meta.json should keep naming rank 1's error, not the lost connection."""
+    if d.world > 1:
         from famex.stage import RUNNING, read_meta
 
         meta = read_meta(stage.out)
