@@ -89,11 +89,23 @@ def log_steps(path: Path) -> list[dict]:
     return [json.loads(line) for line in (path / "log.jsonl").read_text().splitlines()]
 
 
+def word_tokenizer(docs: list[str], path: Path):
+    """A word-level tokenizer over the words of ``docs`` (a vocabulary of ~100: tiny models)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = sorted({w for d in docs for w in d.replace(".", " . ").replace(",", " , ").replace(";", " ; ").split()})
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["<unk>", "</s>", *words])}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>")
+    fast.save_pretrained(path)
+    return fast
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """Word-level data (with and without a val split), a tiny teacher, its stores, an untied student."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     from famex.data.prepare import DataConfig, prepare
     from famex.models.presets import preset_config
@@ -101,11 +113,7 @@ def world(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("distributed")
     docs = make_docs(200, seed=5)
-    words = sorted({w for d in docs for w in d.replace(".", " . ").replace(",", " , ").replace(";", " ; ").split()})
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["<unk>", "</s>", *words])}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>")
-    fast.save_pretrained(root / "tokenizer")
+    fast = word_tokenizer(docs, root / "tokenizer")
     src = write_jsonl(root / "docs.jsonl", docs)
     data = {}
     for name, val in (("val", 0.15), ("noval", 0.0)):
@@ -227,3 +235,50 @@ def test_rank_batches_give_every_rank_the_same_number_of_forwards():
             assert len({len(b) for b in per_rank}) == 1, (n, world)
             counted = sorted(i for b in per_rank for idx, c in b if c for i in idx)
             assert counted == list(range(n)), (n, world)
+
+
+def test_data_in_parts_equals_one_process(tmp_path):
+    """`famex data` under torchrun (2 ranks) and as --shard I/N jobs writes, once merged, the directory
+    one process writes: the same shard files byte for byte, the same progress.json, the same meta.json
+    but for its timestamps."""
+    docs = make_docs(400, seed=9) + [""]  # an empty document is counted, not written
+    word_tokenizer(docs, tmp_path / "tok")
+    inputs = [str(write_jsonl(tmp_path / f"in-{i}.jsonl", docs[i::5])) for i in range(5)]
+    args = ["data", "--input", *inputs, "--tokenizer", str(tmp_path / "tok"), "--seq-len", "16", "--val-fraction", "0.2",
+            "--segment-tokens", "300", "--workers", "1", "--quiet"]
+    ranks = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                              "-m", "famex", *args, "--out", str(tmp_path / "ranks")], cwd=REPO, env=env(),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    from famex.data.prepare import DataConfig, prepare
+
+    def config(out: str, shard: str = "") -> DataConfig:
+        cfg = DataConfig(input=inputs, tokenizer=str(tmp_path / "tok"), seq_len=16, val_fraction=0.2, segment_tokens=300,
+                         workers=1, out=str(tmp_path / out), shard=shard)
+        cfg.validate()
+        return cfg
+
+    prepare(config("one"))
+    for i in (2, 0, 1):  # separate jobs, in any order; the last one merges
+        prepare(config("jobs", f"{i}/3"))
+        assert (read_meta(tmp_path / "jobs")["status"] == "complete") == (i == 1)
+    assert not (tmp_path / "jobs" / "parts").exists()
+    _, err = ranks.communicate(timeout=300)
+    assert ranks.returncode == 0, err.decode()[-3000:]
+
+    def files(root: Path) -> dict[str, bytes]:
+        return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+                if p.is_file() and p.name not in ("meta.json", "metrics.json")}
+
+    def meta(root: Path) -> dict:
+        m = {k: v for k, v in read_meta(root).items() if k not in ("started", "finished")}
+        m["config"].pop("out")
+        return m
+
+    want = files(tmp_path / "one")
+    assert len([k for k in want if k.startswith("train/tokens-")]) >= 5  # several shards, one or more per file
+    for name in ("ranks", "jobs"):
+        got = files(tmp_path / name)
+        assert got.keys() == want.keys(), name
+        assert [k for k in want if got[k] != want[k]] == [], name
+        assert meta(tmp_path / name) == meta(tmp_path / "one"), name
+    assert json.loads((tmp_path / "one" / "metrics.json").read_text())["docs_empty"] == 1
