@@ -87,24 +87,30 @@ if mode == "reader":
     except ImportError:  # an older famex: its permutation array
         from famex.data.packing import chunk_permutation
         order = chunk_permutation(len(chunks), 0)
-    t0 = time.perf_counter()
-    for i in range(256):
-        chunks[int(order[i * 997 % len(chunks)])]
-    per_item = (time.perf_counter() - t0) / 256
+    times = []
+    for rep in range(2):  # cold (first touch of each shard), then warm
+        t0 = time.perf_counter()
+        for i in range(256):
+            chunks[int(order[(i + 256 * rep) * 997 % len(chunks)])]
+        times.append((time.perf_counter() - t0) / 256)
 else:
     from famex.distill.train import DistillTask
     task = DistillTask(chunks, None, seed=0, kl_weight=0.0)
-    t0 = time.perf_counter()
-    for step in range(32):
-        task.micro_batches(step, rank, 2, 2, 2)
-    per_item = (time.perf_counter() - t0) / (32 * 4)
-print(json.dumps({"before": before, "after": status(), "open_s": open_s, "s_per_chunk": per_item, "chunks": len(chunks)}))
+    times = []
+    for rep in range(2):
+        t0 = time.perf_counter()
+        for step in range(32 * rep, 32 * rep + 32):
+            task.micro_batches(step, rank, 2, 2, 2)
+        times.append((time.perf_counter() - t0) / (32 * 4))
+print(json.dumps({"before": before, "after": status(), "open_s": open_s, "s_per_chunk": times, "chunks": len(chunks)}))
 """
 
 
 def probe(data: Path, mode: str, rank: int, famex_root: Path) -> dict:
     env = {**os.environ, "PYTHONPATH": str(famex_root), "OMP_NUM_THREADS": "1", "FAMEX_QUIET": "1"}
-    r = subprocess.run([sys.executable, "-c", PROBE, str(data), mode, str(rank)], env=env, capture_output=True, text=True)
+    # cwd elsewhere: `python -c` puts the working directory first on sys.path.
+    r = subprocess.run([sys.executable, "-c", PROBE, str(data), mode, str(rank)], env=env, capture_output=True, text=True,
+                       cwd=tempfile.gettempdir())
     if r.returncode != 0:
         return {"error": r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"exit {r.returncode}"}
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -140,15 +146,18 @@ def main() -> None:
     finally:
         if args.keep is None:
             shutil.rmtree(root, ignore_errors=True)
-    print("| tokens | documents | famex | path | rank | peak RSS MiB | RssAnon MiB | RssFile MiB | open s | ms / chunk |")
-    print("|---:|---:|---|---|---:|---:|---:|---:|---:|---:|")
+    print("| tokens | documents | famex | path | rank | RSS after imports MiB | peak RSS MiB | RssAnon MiB | RssFile MiB "
+          "| open s | ms / chunk cold | ms / chunk warm |")
+    print("|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for n, name, mode, rank, r in rows:
         if "error" in r:
-            print(f"| {n:.0e} | {n // TOKENS_PER_DOC:.0e} | {name} | {mode} | {rank} | failed: {r['error'][:60]} | | | | |")
+            print(f"| {n:.0e} | {n // TOKENS_PER_DOC:.0e} | {name} | {mode} | {rank} | failed: {r['error'][:60]} | | | | | | |")
             continue
         a = r["after"]
-        print(f"| {n:.0e} | {n // TOKENS_PER_DOC:.0e} | {name} | {mode} | {rank} | {mib(a['VmHWM'])} | {mib(a['RssAnon'])} | "
-              f"{mib(a['RssFile'])} | {r['open_s']:.2f} | {1e3 * r['s_per_chunk']:.2f} |")
+        cold, warm = r["s_per_chunk"]
+        print(f"| {n:.0e} | {n // TOKENS_PER_DOC:.0e} | {name} | {mode} | {rank} | {mib(r['before']['VmRSS'])} | "
+              f"{mib(a['VmHWM'])} | {mib(a['RssAnon'])} | {mib(a['RssFile'])} | {r['open_s']:.2f} | {1e3 * cold:.2f} | "
+              f"{1e3 * warm:.2f} |")
 
 
 if __name__ == "__main__":

@@ -9,8 +9,11 @@ to validate); the loop does the rest the same way for every stage:
   gloo on CPU, NCCL on GPU; bf16 autocast on GPU, fp32 on CPU;
 - AdEMAMix + WSD (pre-training) or AdamW + cosine (QAD, post-training);
 - periodic checkpoints written atomically (model, optimizer, schedule, RNG, step — the data
-  position is a function of the step), the last N kept; a restarted run continues from the
-  newest one and ends with exactly the weights of an uninterrupted run;
+  position is a function of the step), the last N kept; model and optimizer are sharded
+  `torch.distributed.checkpoint` directories (each rank writes and reads only its own shards, and a
+  checkpoint resumes on another number of ranks); a restarted run continues from the newest one and
+  ends with exactly the weights of an uninterrupted run;
+- a stage is complete only once every rank finished (`stage_on_ranks`); a failing rank fails it;
 - a tqdm bar, one metrics line per logging interval, ``log.jsonl`` (step, loss, kl, ce, lr,
   grad norm, tokens/s) and validation every N steps;
 - a non-finite loss stops the run at that step and keeps the last good checkpoint.
