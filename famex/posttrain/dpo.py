@@ -247,19 +247,19 @@ class DpoTask:
 def validate_pairs(model, pairs: list[EncodedPair], ref: torch.Tensor, beta: float, pad_id: int, rank: int = 0,
                    world: int = 1, max_pairs: int = 0, micro_batch: int = 4) -> dict[str, float]:
     """Mean DPO loss, reward accuracy, reward margin and chosen NLL over held-out pairs (all ranks)."""
-    from famex.distill.trainer import Dist, all_reduce_sum
+    from famex.distill.trainer import Dist, all_reduce_sum, rank_batches
 
     n = len(pairs) if not max_pairs else min(max_pairs, len(pairs))
-    mine = list(range(rank, n, world))
     device = next(model.parameters()).device
     sums = torch.zeros(7, dtype=torch.float64, device=device)
-    for i in range(0, len(mine), micro_batch):
-        idx = mine[i: i + micro_batch]
+    for idx, counted in rank_batches(n, rank, world, micro_batch):
         batch = {k: v.to(device) for k, v in pair_batch([pairs[j] for j in idx], pad_id, ref[idx]).items()}
         logps, counts = answer_logps(model, batch)
         P = len(idx)
         r = batch["ref_logps"].to(logps.dtype)
         out = dpo_loss(logps[:P], logps[P:], r[:, 0], r[:, 1], beta)
+        if not counted:
+            continue
         sums += torch.stack([
             out.losses.sum().double(), (out.margins > 0).sum().double(), out.margins.sum().double(),
             out.chosen_rewards.sum().double(), out.rejected_rewards.sum().double(),
@@ -373,7 +373,7 @@ def dpo(cfg: DpoConfig) -> Path:
         done = flag[0]
     if done:
         return out
-    with stage_on_ranks(stage, d):
+    with stage_on_ranks(stage, d) as finish:
         ordered = train_pairs + val_pairs
         if d.main:
             ref = cached_reference(out, cfg.ref or cfg.model, ordered, pad_id, cfg.micro_batch, d.device)
@@ -399,7 +399,7 @@ def dpo(cfg: DpoConfig) -> Path:
             metrics = dict(result.metrics)
             metrics.update(pairs_train=len(train_pairs), pairs_val=len(val_pairs), pairs_truncated=counts["truncated"],
                            pairs_dropped=counts["dropped"], beta=cfg.beta)
-            stage.finish(metrics)
+            finish(metrics)
     return out
 
 

@@ -154,7 +154,7 @@ def sft(cfg: SftConfig) -> Path:
         done = flag[0]
     if done:
         return out
-    with stage_on_ranks(stage, d):
+    with stage_on_ranks(stage, d) as finish:
         if d.main:
             log(f"famex sft: {iters} steps of {global_batch} × {chunks.seq_len} tokens at lr {lr:g} ({lr_source})")
         model = build_student(cfg.model, chunks.vocab_size)
@@ -167,7 +167,7 @@ def sft(cfg: SftConfig) -> Path:
             metrics = dict(result.metrics)
             metrics["objective"] = "sft+kd" if store is not None else "sft"
             metrics["assistant_tokens_train"] = _assistant_tokens(cfg.data)
-            stage.finish(metrics)
+            finish(metrics)
     return out
 
 

@@ -390,7 +390,7 @@ def _quantize_qad(cfg: QuantizeConfig) -> Path:
         done = flag[0]
     if done:
         return out
-    with stage_on_ranks(stage, d):
+    with stage_on_ranks(stage, d) as finish:
         model = load_model(spec)
         if model.config.vocab_size != chunks.vocab_size:
             raise FamexError(f"vocab size mismatch: model {cfg.model} has {model.config.vocab_size}, data {chunks.vocab_size} — "
@@ -426,7 +426,7 @@ def _quantize_qad(cfg: QuantizeConfig) -> Path:
             metrics = dict(result.metrics)
             metrics.update({f"start_val_{k}": v for k, v in start_val.items() if k in ("ce", "kl")})
             metrics.update(size_metrics(final, fmt, qparams))
-            stage.finish(metrics)
+            finish(metrics)
     return out
 
 
