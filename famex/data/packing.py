@@ -29,7 +29,6 @@ import torch
 
 from famex.errors import FamexError
 from famex.stage import require_complete
-from famex.utils import sha256_file
 
 IGNORE_INDEX = -100
 
@@ -38,6 +37,7 @@ class TokenSplit:
     """The concatenated token stream and document boundaries of one split, memory-mapped."""
 
     def __init__(self, data_dir: str | Path, split: str = "train", verify: bool = False):
+        """``verify``: hash every token and mask shard now; else each is hashed the first time it is read."""
         self.dir = Path(data_dir)
         meta = require_complete(self.dir, "data", "data directory")
         self.meta = meta
@@ -46,6 +46,8 @@ class TokenSplit:
         shards = meta["splits"][split]["shards"]
         self._tokens = []
         self._masks: list[np.ndarray] = []
+        # (path, recorded sha256) of each shard's token and mask file, hashed on first read.
+        self._unchecked: dict[int, list[tuple[Path, str, str]]] = {}
         lengths = []
         # Chat data carries a per-token assistant mask beside every token shard.
         self.has_mask = bool(shards) and all("mask_file" in s for s in shards)
@@ -54,10 +56,11 @@ class TokenSplit:
             for path, key in ((tok_path, "tokens_sha256"), (doc_path, "docs_sha256")):
                 if not path.is_file():
                     raise FamexError(f"{path} is missing — the data directory is incomplete; rerun `famex data`")
-                if verify and sha256_file(path) != shard[key]:
-                    raise FamexError(f"{path}: checksum mismatch — the file is corrupt; delete {self.dir} and rerun `famex data`")
-            toks = np.load(tok_path, mmap_mode="r")
+            _check_sha(doc_path, shard["docs_sha256"], "docs_sha256", self.dir)
+            self._unchecked[len(self._tokens)] = [(tok_path, shard["tokens_sha256"], "tokens_sha256")]
+            toks = _load(tok_path, shard["tokens_sha256"], "tokens_sha256", self.dir)
             if len(toks) != shard["tokens"]:
+                _check_sha(tok_path, shard["tokens_sha256"], "tokens_sha256", self.dir)
                 raise FamexError(f"{tok_path}: holds {len(toks)} tokens, the index says {shard['tokens']} — corrupt data directory")
             self._tokens.append(toks)
             lengths.append(np.load(doc_path))
@@ -65,10 +68,10 @@ class TokenSplit:
                 mask_path = self.dir / shard["mask_file"]
                 if not mask_path.is_file():
                     raise FamexError(f"{mask_path} is missing — the data directory is incomplete; rerun `famex data`")
-                if verify and sha256_file(mask_path) != shard["mask_sha256"]:
-                    raise FamexError(f"{mask_path}: checksum mismatch — the file is corrupt; delete {self.dir} and rerun `famex data`")
-                mask = np.load(mask_path, mmap_mode="r")
+                self._unchecked[len(self._tokens) - 1].append((mask_path, shard["mask_sha256"], "mask_sha256"))
+                mask = _load(mask_path, shard["mask_sha256"], "mask_sha256", self.dir)
                 if len(mask) != len(toks):
+                    _check_sha(mask_path, shard["mask_sha256"], "mask_sha256", self.dir)
                     raise FamexError(f"{mask_path}: {len(mask)} mask entries for {len(toks)} tokens — corrupt data directory")
                 self._masks.append(mask)
         self.n_tokens = int(sum(len(t) for t in self._tokens))
@@ -76,6 +79,14 @@ class TokenSplit:
         doc_lengths = np.concatenate(lengths).astype(np.int64) if lengths else np.zeros(0, np.int64)
         self.doc_starts = np.concatenate([[0], np.cumsum(doc_lengths)[:-1]]).astype(np.int64) if len(doc_lengths) else doc_lengths
         self.n_docs = len(doc_lengths)
+        if verify:
+            for s in list(self._unchecked):
+                self._check_shard(s)
+
+    def _check_shard(self, s: int) -> None:
+        for path, sha, field in self._unchecked.get(s, ()):
+            _check_sha(path, sha, field, self.dir)
+        self._unchecked.pop(s, None)
 
     def tokens(self, start: int, end: int) -> np.ndarray:
         """Tokens ``[start, end)`` of the stream as int64, across shard boundaries."""
@@ -96,6 +107,8 @@ class TokenSplit:
         while start < end:
             base = int(self._starts[s])
             stop = min(end, int(self._starts[s + 1]))
+            if s in self._unchecked:
+                self._check_shard(s)
             parts.append(np.asarray(arrays[s][start - base: stop - base], dtype=np.int64))
             start = stop
             s += 1
@@ -104,6 +117,22 @@ class TokenSplit:
     def doc_index(self, positions: np.ndarray) -> np.ndarray:
         """Index of the document each stream position belongs to."""
         return np.searchsorted(self.doc_starts, positions, side="right") - 1
+
+
+def _check_sha(path: Path, sha256: str, field: str, data_dir: Path) -> None:
+    from famex.integrity import sha256_matches
+
+    if not sha256_matches(path, sha256):
+        raise FamexError(f"{path}: sha256 differs from meta.json's {field} — the file is corrupt; delete {data_dir} and rerun `famex data`")
+
+
+def _load(path: Path, sha256: str, field: str, data_dir: Path) -> np.ndarray:
+    """A shard memory-mapped; one whose .npy header does not parse is reported by its checksum."""
+    try:
+        return np.load(path, mmap_mode="r")
+    except (ValueError, OSError, EOFError) as e:
+        _check_sha(path, sha256, field, data_dir)
+        raise FamexError(f"{path} does not load ({e}) — delete {data_dir} and rerun `famex data`") from None
 
 
 class PackedChunks:

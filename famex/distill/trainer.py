@@ -37,6 +37,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from famex import integrity
 from famex.distill.losses import LossOut
 from famex.distill.optim import AdEMAMix, cosine_schedule, lr_lambda, wsd_schedule
 from famex.errors import FamexError
@@ -355,6 +356,7 @@ def train(
     ckpts = checkpoint_dirs(out)
     if ckpts:
         step0, path = ckpts[-1]
+        integrity.check_checksums(path, f"delete {path} to resume from the checkpoint before it")
         state = torch.load(path / "trainer.pt", map_location="cpu", weights_only=False)
         from safetensors.torch import load_file
 
@@ -562,6 +564,7 @@ def _save_checkpoint(module, opt, sched, cfg: TrainConfig, d: Dist, out: Path, s
             model.config.save_pretrained(tmp)
             torch.save({"step": step, "optimizer": opt_sd, "scheduler": sched.state_dict(), "rng": _rng_state()},
                        tmp / "trainer.pt")
+            integrity.write_checksums(tmp)
         for _, old in checkpoint_dirs(out)[: -max(1, cfg.keep_last)]:
             shutil.rmtree(old, ignore_errors=True)
     if d.world > 1:
