@@ -31,7 +31,7 @@ import torch
 
 from famex.errors import FamexError
 from famex.stage import require_complete
-from famex.utils import FileArray, sha256_file
+from famex.utils import FileArray
 
 IGNORE_INDEX = -100
 
@@ -52,6 +52,7 @@ class TokenSplit:
     OPEN_FILES = 64
 
     def __init__(self, data_dir: str | Path, split: str = "train", verify: bool = False):
+        """``verify``: hash every token and mask shard now; else each is hashed the first time it is read."""
         self.dir = Path(data_dir)
         meta = require_complete(self.dir, "data", "data directory")
         self.meta = meta
@@ -60,14 +61,13 @@ class TokenSplit:
         self._shards = meta["splits"][split]["shards"]
         # Chat data carries a per-token assistant mask beside every token shard.
         self.has_mask = bool(self._shards) and all("mask_file" in s for s in self._shards)
+        # Each token, mask and lengths file is hashed against meta.json the first time it is opened
+        # (all of them now with ``verify``); a file that passed is not hashed again by this reader.
+        self._checked: set[tuple[int, str]] = set()
         if verify:
-            for shard in self._shards:
-                keys = [("tokens_file", "tokens_sha256"), ("docs_file", "docs_sha256")]
-                keys += [("mask_file", "mask_sha256")] if self.has_mask else []
-                for name, key in keys:
-                    path = self._existing(self.dir / shard[name])
-                    if sha256_file(path) != shard[key]:
-                        raise FamexError(f"{path}: checksum mismatch — the file is corrupt; delete {self.dir} and rerun `famex data`")
+            for s, shard in enumerate(self._shards):
+                for key in ("tokens_file", "docs_file") + (("mask_file",) if self.has_mask else ()):
+                    self._check(s, key)
         self._starts = np.concatenate([[0], np.cumsum([int(s["tokens"]) for s in self._shards])]).astype(np.int64)
         self._doc_offsets = np.concatenate([[0], np.cumsum([int(s["docs"]) for s in self._shards])]).astype(np.int64)
         self.n_tokens = int(self._starts[-1])
@@ -89,7 +89,11 @@ class TokenSplit:
                 self._files.move_to_end((s, key))
                 return arr
         shard = self._shards[s]
-        arr = FileArray.npy(self._existing(self.dir / shard[key]))
+        path = self._check(s, key)
+        try:
+            arr = FileArray.npy(path)
+        except (ValueError, OSError, EOFError) as e:
+            raise FamexError(f"{path} does not load ({e}) — delete {self.dir} and rerun `famex data`") from None
         want = int(shard["docs"]) if key == "docs_file" else int(shard["tokens"])
         if len(arr) != want:
             raise FamexError(f"{arr.path}: holds {len(arr)} entries, the index says {want} — corrupt data directory")
@@ -98,6 +102,15 @@ class TokenSplit:
             while len(self._files) > self.OPEN_FILES:
                 self._files.popitem(last=False)[1].close()
         return arr
+
+    def _check(self, s: int, key: str) -> Path:
+        """The path of file ``key`` of shard ``s``, hashed against its meta.json sha256 once."""
+        path = self._existing(self.dir / self._shards[s][key])
+        if (s, key) not in self._checked:
+            field = key.removesuffix("_file") + "_sha256"
+            _check_sha(path, self._shards[s][field], field, self.dir)
+            self._checked.add((s, key))
+        return path
 
     def _shard_of(self, position: int) -> int:
         return int(np.searchsorted(self._starts, position, side="right") - 1)
@@ -189,6 +202,13 @@ class TokenSplit:
         out = [int(self._starts[s]) + np.concatenate([[0], np.cumsum(self._file(s, "docs_file").read(0, int(sh["docs"])).astype(np.int64))[:-1]])
                for s, sh in enumerate(self._shards) if int(sh["docs"])]
         return np.concatenate(out) if out else np.zeros(0, np.int64)
+
+
+def _check_sha(path: Path, sha256: str, field: str, data_dir: Path) -> None:
+    from famex.integrity import sha256_matches
+
+    if not sha256_matches(path, sha256):
+        raise FamexError(f"{path}: sha256 differs from meta.json's {field} — the file is corrupt; delete {data_dir} and rerun `famex data`")
 
 
 class PackedChunks:

@@ -41,11 +41,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from famex import integrity
 from famex.distill.losses import LossOut
 from famex.distill.optim import AdEMAMix, cosine_schedule, lr_lambda, wsd_schedule
 from famex.errors import FamexError
 from famex.train_options import TRAIN_IDENTITY_EXCLUDE, TrainOptions  # noqa: F401 (re-exported)
-from famex.utils import atomic_dir, atomic_write_bytes, is_quiet, log, progress
+from famex.utils import atomic_dir, atomic_write_bytes, is_quiet, log, progress, sha256_file
 
 CKPT_DIR = "checkpoints"
 TRAINER_STATE = "trainer.pt"
@@ -315,11 +316,19 @@ def _save_checkpoint(module, opt, sched, cfg: TrainConfig, d: Dist, out: Path, s
         with _quiet_single_process():
             dcp.save(_sharded_state(module, opt), checkpoint_id=tmp, no_dist=d.world == 1)
         torch.save(_rng_state(), tmp / f"rng-{d.rank:05d}.pt")
+        # Each rank hashes the files it wrote; rank 0 the rest, into checksums.json before the rename.
+        mine = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+                for p in sorted(tmp.glob(f"__{d.rank}_*")) + [tmp / f"rng-{d.rank:05d}.pt"]}
+        records = [mine]
+        if d.world > 1:
+            records = [None] * d.world
+            dist.all_gather_object(records, mine)
         _barrier(d)  # every rank's files are in place before rank 0 renames the directory
         if d.main:
             torch.save({"step": step, "scheduler": sched.state_dict(), "world": d.world, "parallel": cfg.parallel,
                         "format": "dcp"}, tmp / TRAINER_STATE)
             _unwrap(module).config.save_pretrained(tmp)
+            integrity.write_checksums(tmp, known={k: v for r in records for k, v in r.items()}, hidden=(".metadata",))
     if d.main:
         for _, old in checkpoint_dirs(out)[: -max(1, cfg.keep_last)]:
             shutil.rmtree(old, ignore_errors=True)
@@ -335,6 +344,7 @@ def _load_checkpoint(module, opt, sched, cfg: TrainConfig, d: Dist, path: Path) 
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
+    _check_checkpoint(path, d)
     trainer = torch.load(path / TRAINER_STATE, map_location="cpu", weights_only=False)
     if trainer.get("format") != "dcp":
         raise FamexError(
@@ -358,6 +368,24 @@ def _load_checkpoint(module, opt, sched, cfg: TrainConfig, d: Dist, path: Path) 
     return int(trainer["step"])
 
 
+def _check_checkpoint(path: Path, d: Dist) -> None:
+    """Every file of a checkpoint against its checksums.json, the hashing split across the ranks;
+    a problem any rank finds stops every rank, before anything is loaded."""
+    fix = f"delete {path} to resume from the checkpoint before it"
+    try:
+        integrity.check_checksums(path, fix, share=(d.rank, d.world))
+        problem = None
+    except FamexError as e:
+        problem = str(e)
+    problems = [problem]
+    if d.world > 1:
+        problems = [None] * d.world
+        dist.all_gather_object(problems, problem)
+    found = [p for p in problems if p]
+    if found:
+        raise FamexError(found[0])
+
+
 @contextlib.contextmanager
 def _quiet_single_process():
     # DCP warns that it "assumes the intent is to save in a single process" even when told so.
@@ -371,6 +399,7 @@ def checkpoint_weights(path: str | Path) -> dict[str, torch.Tensor]:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+    integrity.check_checksums(path, f"{path} is damaged: average other checkpoints, or the final model")
     meta = dcp.FileSystemReader(str(path)).read_metadata()
     state = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in meta.state_dict_metadata.items()
              if k.startswith("model.") and isinstance(m, TensorStorageMetadata)}
