@@ -214,11 +214,13 @@ class Stage:
         self.meta.update(extra)
         self._write()
 
-    def finish(self, metrics: dict[str, Any] | None = None, **extra: Any) -> None:
+    def finish(self, metrics: dict[str, Any] | None = None, unlisted: Iterable[str] = (), **extra: Any) -> None:
+        """Mark the stage complete with the file list of its directory (``unlisted``: relative paths
+        of work files the stage deletes right after, left out of the list)."""
         if metrics is not None:
             atomic_write_json(self.out / "metrics.json", metrics)
         self.meta.update(extra, status=COMPLETE, finished=_now())
-        self.meta["files"] = integrity.file_records(self.out, skip=(META,))
+        self.meta["files"] = integrity.file_records(self.out, skip=(META, *unlisted))
         self._write()
 
     def fail(self, error: BaseException) -> None:
