@@ -116,10 +116,11 @@ def world(tmp_path_factory):
     chats = [{"messages": [{"role": "user", "content": f"what is item {i % 10} ?"},
                            {"role": "assistant", "content": f"item {i % 10} is {['red', 'green', 'blue'][i % 3]} ."}]}
              for i in range(60)]
-    fast = word_tokenizer(docs + [m["content"] for c in chats for m in c["messages"]] + ["user assistant :"], root / "tokenizer")
-    fast.chat_template = ("{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} </s> {% endfor %}"
-                          "{% if add_generation_prompt %}assistant : {% endif %}")
-    fast.save_pretrained(root / "tokenizer")
+    fast = word_tokenizer(docs, root / "tokenizer")
+    chat_tok = word_tokenizer([m["content"] for c in chats for m in c["messages"]] + ["user assistant :"], root / "chat-tokenizer")
+    chat_tok.chat_template = ("{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} </s> {% endfor %}"
+                              "{% if add_generation_prompt %}assistant : {% endif %}")
+    chat_tok.save_pretrained(root / "chat-tokenizer")
     src = write_jsonl(root / "docs.jsonl", docs)
     data = {}
     for name, val in (("val", 0.15), ("noval", 0.0)):
@@ -139,11 +140,12 @@ def world(tmp_path_factory):
         generate(LogitsConfig(teacher=str(root / "teacher"), data=str(data_dir), split=split, out=str(stores[name]),
                               top_k=8, tokens_per_shard=512, workers=1))
     data["chat"] = root / "data-chat"
-    prepare(DataConfig(input=[str(write_jsonl(root / "chat.jsonl", chats))], out=str(data["chat"]), chat=True,
-                       tokenizer=str(root / "tokenizer"), seq_len=32, val_fraction=0.2, workers=1))
+    (root / "chat.jsonl").write_text("".join(json.dumps(c) + "\n" for c in chats))
+    prepare(DataConfig(input=[str(root / "chat.jsonl")], out=str(data["chat"]), chat=True,
+                       tokenizer=str(root / "chat-tokenizer"), seq_len=32, val_fraction=0.2, workers=1))
     from famex.models import build_student, save_model
 
-    save_model(build_student("tiny-apertus", len(fast), fast, seed=2), root / "sft-start", fast)
+    save_model(build_student("tiny-apertus", len(chat_tok), chat_tok, seed=2), root / "sft-start", chat_tok)
     config = preset_config("tiny-apertus", vocab_size=len(fast))
     config.tie_word_embeddings = False
     torch.manual_seed(1)
