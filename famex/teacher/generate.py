@@ -2,7 +2,7 @@
 
 The teacher sees exactly the chunks the trainer will see (`famex.data.packing.PackedChunks`:
 packed documents, attention masked across documents, positions restarting per document), in the
-store order fixed by `chunk_permutation(n_chunks, seed)`. Per position it keeps the top-k ids and
+store order fixed by `ChunkOrder(n_chunks, seed)` (computed per position, never held whole). Per position it keeps the top-k ids and
 probabilities of ``softmax(logits / temperature)`` and the mass left out, and hands whole shards to
 encoder threads, which encode, compress and write them while the teacher runs on.
 
@@ -303,10 +303,11 @@ def _store_params(cfg: LogitsConfig, chunks, spec, stage: Stage, dtype: torch.dt
     return params
 
 
-def _permutation(n: int, seed: int) -> np.ndarray:
-    from famex.data.packing import chunk_permutation
+def _permutation(n: int, seed: int):
+    """The store order, computed per position (`ChunkOrder`): no rank holds the n chunk indices."""
+    from famex.data.packing import ChunkOrder
 
-    return np.asarray(chunk_permutation(n, seed), dtype=np.int64)
+    return ChunkOrder(n, seed)
 
 
 def _remove_partial_shards(out: Path, mine: list[int]) -> None:
@@ -345,7 +346,8 @@ def _run(model, chunks, permutation, plan, todo, params, cfg: LogitsConfig, d: D
                 # Batches never cross a shard: a resumed run forms the same batches as a fresh one.
                 for b in range(start, stop, cfg.batch_size):
                     positions = range(b, min(b + cfg.batch_size, stop))
-                    batch = collate([chunks[int(permutation[p])] for p in positions])
+                    data_index = permutation[np.arange(positions.start, positions.stop)]
+                    batch = collate([chunks[int(i)] for i in data_index])
                     with torch.inference_mode():
                         inputs = {key: v.to(d.device) for key, v in model_inputs(batch, impl).items()}
                         logits = model(**inputs).logits[..., :V]
@@ -353,9 +355,9 @@ def _run(model, chunks, permutation, plan, todo, params, cfg: LogitsConfig, d: D
                     ids = ids.view(len(positions), T, k).to("cpu", torch.int32).numpy()
                     probs = probs.view(len(positions), T, k).cpu().numpy()
                     mass = mass.view(len(positions), T).cpu().numpy()
-                    for j, p in enumerate(positions):
+                    for j in range(len(positions)):
                         shard_chunks.append(
-                            store.ChunkLogits(int(permutation[p]), batch["input_ids"][j].numpy(), ids[j], probs[j], mass[j])
+                            store.ChunkLogits(int(data_index[j]), batch["input_ids"][j].numpy(), ids[j], probs[j], mass[j])
                         )
                     bar.update(len(positions) * T)
                 pending.append(pool.submit(write, si, shard_chunks))
