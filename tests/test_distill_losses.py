@@ -317,3 +317,51 @@ def test_bad_input_is_named():
     big[1] = V
     with pytest.raises(FamexError, match="labels outside"):
         distill_loss(h, w, big, ids, probs)
+
+
+class _MatmulDtypes(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the input dtypes of every matmul whose operands have a dimension of size ``vocab``
+    (the lm_head's: forward, dL/dh, dL/dW), as they reach the kernels (after autocast)."""
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.vocab, self.seen = vocab, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm):
+            mats = [a for a in args if torch.is_tensor(a) and a.dim() >= 2]
+            if any(self.vocab in a.shape for a in mats):
+                self.seen.append(tuple(a.dtype for a in mats))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("grad_in_forward", [True, False])
+def test_lm_head_matmuls_bf16_under_autocast_from_real_model(grad_in_forward):
+    """From the real Apertus student (its final RMSNorm returns fp32 hidden states), under bf16
+    autocast all three lm_head matmuls get bf16 operands — not fp32 as when W was cast to h.dtype —
+    while the loss and the parameter gradients stay fp32."""
+    from famex.distill.train import hidden_states
+    from famex.models import build_student
+
+    vocab = 96
+    model = build_student("tiny-apertus", vocab, seed=0)
+    g = torch.Generator().manual_seed(0)
+    batch = {"input_ids": torch.randint(0, vocab, (2, 16), generator=g),
+             "position_ids": torch.arange(16).expand(2, 16), "segment_ids": torch.zeros(2, 16, dtype=torch.long)}
+    labels = torch.randint(0, vocab, (2, 16), generator=g)
+    probs, ids = torch.randn(2, 16, vocab, generator=g).softmax(-1).topk(8)
+    head = model.get_output_embeddings()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h = hidden_states(model, batch)
+        assert h.dtype == torch.float32  # the premise: Apertus's final norm hands back fp32
+        rec = _MatmulDtypes(vocab)
+        with rec:
+            out = distill_loss(h, head.weight, labels, ids, probs, chunk_tokens=8, grad_in_forward=grad_in_forward)
+            out.loss.backward()
+    # 32 tokens in chunks of 8 × (logits, dL/dh, dL/dW), plus the recomputed logits without grad_in_forward
+    assert len(rec.seen) == 4 * (3 if grad_in_forward else 4)
+    assert all(d == torch.bfloat16 for dts in rec.seen for d in dts), rec.seen
+    assert out.loss.dtype == torch.float32 and head.weight.grad.dtype == torch.float32
+    # Same loss as an fp32 reference from bf16-rounded operands (fp32 accumulation): within bf16 noise.
+    ref = distill_loss(h.detach().bfloat16().float(), head.weight.detach().bfloat16().float(), labels, ids, probs)
+    assert torch.allclose(out.loss.detach(), ref.loss, rtol=1e-2)

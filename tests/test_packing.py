@@ -77,10 +77,16 @@ def three_doc_chunk(tmp_path_factory, tokenizer_dir):
     return chunk
 
 
-def assert_packed_equals_solo(model, chunk):
+def assert_packed_equals_solo(model, chunk, attn: str = "sdpa"):
+    """Packed logits through ``attn`` (the masks `model_inputs` makes for it) equal each document's
+    solo run through plain SDPA with no mask at all."""
     batch = {k: v[None] for k, v in chunk.items()}
     with torch.no_grad():
-        packed = model(**model_inputs(batch)).logits[0]
+        model.set_attn_implementation(attn)
+        try:
+            packed = model(**model_inputs(batch, attn)).logits[0]
+        finally:
+            model.set_attn_implementation("sdpa")
         worst = 0.0
         for s in chunk["segment_ids"].unique():
             idx = (chunk["segment_ids"] == s).nonzero().squeeze(1)
@@ -92,13 +98,39 @@ def assert_packed_equals_solo(model, chunk):
     assert (unmasked - packed).abs().max().item() > 1e-2
 
 
-def test_cross_document_masking_apertus(three_doc_chunk, teacher):
+@pytest.fixture
+def eager_flex():
+    """transformers compiles flex attention on first use; on CPU the compile alone takes longer than
+    the test, so dynamo is off here and flex runs its exact (unfused) eager forward."""
+    import torch._dynamo
+
+    with torch._dynamo.config.patch(disable=True):
+        yield
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "flex_attention"])
+def test_cross_document_masking_apertus(three_doc_chunk, teacher, attn, eager_flex):
     from famex.models import build_student
 
     tok = teacher[1]
     student = build_student("tiny-apertus", len(tok), tok).eval()
-    assert_packed_equals_solo(student, three_doc_chunk)
+    assert_packed_equals_solo(student, three_doc_chunk, attn)
 
 
-def test_cross_document_masking_llama_teacher(three_doc_chunk, teacher):
-    assert_packed_equals_solo(teacher[0], three_doc_chunk)
+@pytest.mark.parametrize("attn", ["sdpa", "flex_attention"])
+def test_cross_document_masking_llama_teacher(three_doc_chunk, teacher, attn, eager_flex):
+    assert_packed_equals_solo(teacher[0], three_doc_chunk, attn)
+
+
+def test_flex_inputs_carry_a_block_mask_not_a_dense_one(three_doc_chunk):
+    """The flex path hands attention a BlockMask (no [B,1,T,T] tensor); flash gets no mask."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    batch = {k: v[None] for k, v in three_doc_chunk.items()}
+    flex = model_inputs(batch, "flex_attention")["attention_mask"]
+    assert isinstance(flex, BlockMask)
+    dense = block_causal_mask(batch["segment_ids"])[0, 0]
+    T = dense.shape[-1]
+    q, k = torch.meshgrid(torch.arange(T), torch.arange(T), indexing="ij")
+    assert torch.equal(flex.mask_mod(torch.tensor(0), torch.tensor(0), q, k), dense)
+    assert "attention_mask" not in model_inputs(batch, "flash_attention_2")

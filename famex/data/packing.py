@@ -10,7 +10,9 @@ where the next token is not an assistant token (the per-token mask beside the sh
 loss downstream (SFT, distillation, QAD) trains on assistant tokens only; ``loss_mask=False``
 ignores the mask. Attention is masked across documents:
 
-- on CPU (SDPA) with a boolean block-diagonal causal mask ``[B, 1, T, T]`` (True = may attend);
+- SDPA (the CPU default) gets a boolean block-diagonal causal mask ``[B, 1, T, T]`` (True = may attend);
+- flex attention (the GPU default) gets a document `BlockMask` (`document_block_mask`): only the
+  tiles of T×T that hold any allowed pair are computed and no T×T tensor exists;
 - with flash-attention on GPU, transformers reads packed sequences from the restarted
   ``position_ids`` alone, so no mask is passed.
 
@@ -265,14 +267,34 @@ def block_causal_mask(segment_ids: torch.Tensor) -> torch.Tensor:
     return (same & causal).unsqueeze(1)
 
 
+def document_block_mask(segment_ids: torch.Tensor):
+    """The `block_causal_mask` pattern as a flex-attention `BlockMask` (B × 1 head × T × T, never dense).
+
+    On CUDA the block mask is built by a compiled kernel; on CPU (tests) eagerly, which evaluates
+    the pattern densely once but is still exact.
+    """
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    seg = segment_ids
+
+    def same_document_causal(b, h, q, k):
+        return (q >= k) & (seg[b, q] == seg[b, k])
+
+    B, T = seg.shape
+    return create_block_mask(same_document_causal, B, None, T, T, device=seg.device, _compile=seg.device.type == "cuda")
+
+
 def model_inputs(batch: dict[str, torch.Tensor], attn_implementation: str = "sdpa") -> dict[str, Any]:
     """Keyword arguments for a transformers causal LM forward over a packed batch.
 
     ``flash_attention_2`` (and other varlen kernels) detect packed documents from the restarted
-    ``position_ids``; every other implementation gets the explicit block-diagonal boolean mask.
+    ``position_ids``; ``flex_attention`` gets a document `BlockMask`; every other implementation
+    gets the explicit block-diagonal boolean mask.
     """
     kwargs: dict[str, Any] = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
-    if not attn_implementation.startswith("flash_attention"):
+    if attn_implementation == "flex_attention":
+        kwargs["attention_mask"] = document_block_mask(batch["segment_ids"])
+    elif not attn_implementation.startswith("flash_attention"):
         kwargs["attention_mask"] = block_causal_mask(batch["segment_ids"])
     return kwargs
 

