@@ -99,13 +99,17 @@ def assert_packed_equals_solo(model, chunk, attn: str = "sdpa"):
 
 
 @pytest.fixture
-def eager_flex():
+def eager_flex(monkeypatch):
     """transformers compiles flex attention on first use; on CPU the compile alone takes longer than
-    the test, so dynamo is off here and flex runs its exact (unfused) eager forward."""
-    import torch._dynamo
+    the test, so here flex runs its exact (unfused) eager forward, with the same BlockMask."""
+    import transformers.integrations.flex_attention as hf_flex
+    from torch.nn.attention.flex_attention import flex_attention
 
-    with torch._dynamo.config.patch(disable=True):
-        yield
+    def eager(query, key, value, training=False, **kwargs):
+        return flex_attention(query, key, value, **kwargs)
+
+    monkeypatch.setattr(hf_flex, "compile_friendly_flex_attention", eager)
+    yield
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "flex_attention"])
