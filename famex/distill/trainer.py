@@ -471,6 +471,10 @@ def train(
             "change --global-batch or --micro-batch"
         )
     accum = global_batch // (d.world * cfg.micro_batch)
+    if hasattr(model, "set_attn_implementation"):
+        from famex.models import resolve_attn
+
+        model.set_attn_implementation(resolve_attn(cfg.attn, d.device, training=True))
     model.to(d.device)
     model.train()
     module = wrap_parallel(model, task, cfg, d)
