@@ -51,6 +51,7 @@ COMMANDS: dict[str, Command] = {
                       "the report"),
     "run": Command("famex.run.recipe", "run a whole recipe (TOML) stage by stage, resuming where it stopped",
                    "recipe runs"),
+    "verify": Command("famex.verify", "check a stage directory or a whole run tree: files, checksums, status, inputs", "run verification"),
     "info": Command("famex.models.info", "parameter counts and sizes of a preset or model (meta device)",
                     "model info"),
     "cost": Command("famex.eval.costcli", "FLOPs per stage of a recipe or run (the paper's Table 2 convention)",

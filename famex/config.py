@@ -5,6 +5,10 @@ one-line docstring (the string literal right below the field, read here with `as
 text and the code cannot drift apart). Resolution order: dataclass defaults < ``--config FILE.toml``
 < explicit command-line options. Unknown TOML keys fail with the key's name and the closest valid one.
 
+Options several stages share (`famex.train_options.TrainOptions`) are one dataclass composed into
+each stage's config with `compose`, which adds its fields flat: option names, TOML keys and the
+meta.json config read as if the stage had declared them itself.
+
 This module knows nothing about stages; `famex.stage` records the resolved config in meta.json.
 """
 
@@ -28,11 +32,13 @@ from famex.errors import FamexError
 
 @cache
 def field_docs(cls: type) -> dict[str, str]:
-    """The docstring under each field of a dataclass (walking its bases)."""
+    """The docstring under each field of a dataclass (walking its bases and the options it composes)."""
     docs: dict[str, str] = {}
     for klass in reversed(cls.__mro__):
         if klass is object or not dataclasses.is_dataclass(klass):
             continue
+        for options in klass.__dict__.get("__composed__", ()):
+            docs.update(field_docs(options))
         try:
             tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
         except (OSError, TypeError):
@@ -48,6 +54,47 @@ def field_docs(cls: type) -> dict[str, str]:
             ):
                 docs[node.target.id] = " ".join(nxt.value.value.split())
     return docs
+
+
+def compose(options: type, *, help_prefix: str = "", notes: dict[str, str] | None = None, **defaults: Any):
+    """Class decorator, under ``@dataclass``: add every field of the dataclass ``options`` to the class, flat.
+
+    The class states only what differs for its stage: ``defaults`` replace the options' own,
+    ``notes`` say what an option means for this stage, where a default comes from (``"default: the
+    preset's value"``) or why it is what it is (``--help`` shows them after the default),
+    ``help_prefix`` starts the help of every composed option (e.g. ``"qad: "``). The
+    fields keep their names, types and docstrings (`field_docs`), so constructor keywords, attribute
+    access, CLI options, TOML keys and `config_dict` are those of a class declaring them itself. A
+    class may not declare a field the options already have: its default belongs in ``defaults``.
+    """
+    hints = typing.get_type_hints(options)
+    fields = {f.name: f for f in dataclasses.fields(options)}
+    notes = notes or {}
+    unknown = sorted((set(defaults) | set(notes)) - set(fields))
+    if unknown:
+        raise TypeError(f"compose({options.__name__}): no such option {', '.join(unknown)}")
+
+    def wrap(cls: type) -> type:
+        own = dict(cls.__dict__.get("__annotations__", {}))
+        clash = sorted(set(own) & set(fields))
+        if clash:
+            raise TypeError(f"{cls.__name__} declares {', '.join(clash)}, which {options.__name__} has; "
+                            f"set the stage's default in compose({options.__name__}, ...) instead")
+        for name, f in fields.items():
+            meta = {**f.metadata, "help_prefix": help_prefix, "note": notes.get(name)}
+            if name in defaults:
+                value = defaults[name]
+                new = (dataclasses.field(default_factory=lambda v=value: list(v), metadata=meta) if isinstance(value, list)
+                       else dataclasses.field(default=value, metadata=meta))
+            else:
+                new = dataclasses.field(default=f.default, default_factory=f.default_factory, metadata=meta)
+            own[name] = hints[name]
+            setattr(cls, name, new)
+        cls.__annotations__ = own
+        cls.__composed__ = (*cls.__dict__.get("__composed__", ()), options)
+        return cls
+
+    return wrap
 
 
 def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
@@ -89,9 +136,12 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, positional:
     for f, tp in _fields(cls):
         base, optional = _unwrap_optional(tp)
         default = _default(f)
-        help_text = docs.get(f.name, "")
+        help_text = f.metadata.get("help_prefix", "") + docs.get(f.name, "")
+        note = f.metadata.get("note")
         if default not in (None, "", [], ()):
-            help_text += f" (default: {default})"
+            help_text += f" (default: {default}; {note})" if note else f" (default: {default})"
+        elif note:
+            help_text += f" ({note})"
         kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": help_text}
         origin = get_origin(base)
         if base is bool:

@@ -6,6 +6,11 @@ complete), the resolved ``config``, the ``inputs`` with content hashes, ``famex_
 meta.json is complete with the same config and inputs is a no-op; one that was interrupted resumes
 (the stage itself decides how); one made with other arguments is refused, naming what differs.
 
+Integrity (`famex.integrity`): every meta.json carries a ``digest`` of its own fields, checked by
+`read_meta`; a finished stage's meta.json lists every file of its directory with size and sha256
+(``files``). Whoever takes a finished stage as input (`require_complete`, `content_hash`, so every
+`Stage` at its start, before it writes anything) checks that list cheaply; `famex verify` in full.
+
 What this module does not do: run anything. Stages call `Stage.begin` / `Stage.finish`, or wrap
 their body with `run_stage`.
 """
@@ -23,8 +28,9 @@ from typing import Any, Callable, Iterable
 
 from famex import __version__
 from famex.config import config_dict
+from famex import integrity
 from famex.errors import FamexError
-from famex.utils import atomic_write_json, log, read_json, sha256_file
+from famex.utils import atomic_write_json, log, sha256_file
 
 RUNNING, FAILED, COMPLETE = "running", "failed", "complete"
 _SMALL_FILE = 1 << 22  # files up to 4 MiB are hashed whole; larger ones by size + head + tail
@@ -35,6 +41,10 @@ def _now() -> str:
 
 
 _VOLATILE_META = ("started", "finished", "error")
+# Checksums are no part of a stage's identity: they follow from what it is (and metrics.json's
+# timings differ between two runs of the same stage).
+_NOT_IDENTITY = (*_VOLATILE_META, "files", integrity.DIGEST)
+META = "meta.json"
 
 
 def content_hash(path: str | os.PathLike) -> str:
@@ -47,12 +57,13 @@ def content_hash(path: str | os.PathLike) -> str:
     path = Path(path)
     if path.is_file():
         return _file_hash(path)
-    meta = path / "meta.json"
+    meta = path / META
     if meta.is_file():
-        m = read_json(meta)
+        m = read_meta(path)
         if m.get("status") == COMPLETE:
+            check_files(path, m)
             # When it ran is no part of what it is: two runs of the same stage on the same inputs hash alike.
-            ident = {k: v for k, v in m.items() if k not in _VOLATILE_META}
+            ident = {k: v for k, v in m.items() if k not in _NOT_IDENTITY}
             return "meta:" + hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
     if not path.is_dir():
         raise FamexError(f"input not found: {path}")
@@ -90,8 +101,23 @@ def _file_hash(path: Path) -> str:
 
 
 def read_meta(out: str | os.PathLike) -> dict[str, Any] | None:
-    p = Path(out) / "meta.json"
-    return read_json(p) if p.is_file() else None
+    """The stage's meta.json (None when there is none), refused when it fails its digest."""
+    p = Path(out) / META
+    if not p.is_file():
+        return None
+    return integrity.read_json_checked(p, f"delete {Path(out)} and rerun the stage that makes it")
+
+
+def check_files(path: str | os.PathLike, meta: dict[str, Any]) -> None:
+    """The cheap check of a finished stage's files against its meta.json (see `famex.integrity`)."""
+    if "files" not in meta:
+        if integrity.DIGEST in meta:  # a digested meta.json of a finished stage always lists its files
+            raise FamexError(f"{Path(path) / META}: field 'files' is missing — delete {path} and rerun the stage that makes it")
+        return  # written before famex recorded checksums
+    problems = integrity.file_problems(path, meta["files"], full=False)
+    if problems:
+        raise FamexError(f"{problems[0]} — {path} is damaged; delete it and rerun the stage that makes it "
+                         f"(`famex verify {path}` lists every problem)")
 
 
 def is_complete(out: str | os.PathLike, stage: str | None = None) -> bool:
@@ -110,6 +136,7 @@ def require_complete(path: str | os.PathLike, stage: str | Iterable[str], what: 
         raise FamexError(f"{what} {path} was made by `famex {meta.get('stage')}`, expected `famex {' or '.join(sorted(stages))}`")
     if meta.get("status") != COMPLETE:
         raise FamexError(f"{what} {path} is not complete (status {meta.get('status')!r}) — rerun the stage that makes it")
+    check_files(path, meta)
     return meta
 
 
@@ -191,6 +218,7 @@ class Stage:
         if metrics is not None:
             atomic_write_json(self.out / "metrics.json", metrics)
         self.meta.update(extra, status=COMPLETE, finished=_now())
+        self.meta["files"] = integrity.file_records(self.out, skip=(META,))
         self._write()
 
     def fail(self, error: BaseException) -> None:
@@ -201,7 +229,9 @@ class Stage:
         self._write()
 
     def _write(self) -> None:
-        atomic_write_json(self.out / "meta.json", self.meta)
+        if self.meta.get("status") != COMPLETE:
+            self.meta.pop("files", None)  # resumed: the list is made again when it finishes
+        atomic_write_json(self.out / META, integrity.with_digest(self.meta))
 
 
 def run_stage(out: str | os.PathLike, stage: str, config: Any, inputs: dict[str, Any] | None,

@@ -167,3 +167,79 @@ def dir_size(path: str | os.PathLike) -> int:
     if path.is_file():
         return path.stat().st_size
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+class FileArray:
+    """A 1-D array on disk read with ``pread``: no mapping, no copy of the file in memory.
+
+    Reading a window costs one system call; pages go through the page cache (shared by every
+    process on the node, reclaimable) instead of into this process's resident memory, as they
+    would with ``np.memmap`` touched across the whole file. Safe to read from several threads.
+    ``offset`` is where the data starts (a ``.npy`` header is skipped by `FileArray.npy`).
+    """
+
+    def __init__(self, path: str | os.PathLike, dtype, length: int, offset: int = 0):
+        import numpy as np
+
+        self.path, self.dtype, self.offset = Path(path), np.dtype(dtype), int(offset)
+        self.length = int(length)
+        self._fd: int | None = None
+
+    @classmethod
+    def npy(cls, path: str | os.PathLike) -> "FileArray":
+        """A 1-D ``.npy`` file (as ``np.save`` writes it) by its header."""
+        import numpy as np
+
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read_header(f)
+            offset = f.tell()
+        if len(shape) != 1:
+            raise ValueError(f"{path}: expected a 1-D array, found shape {shape}")
+        return cls(path, dtype, shape[0], offset)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def read(self, start: int, end: int):
+        """Elements ``[start, end)`` as a fresh numpy array."""
+        import numpy as np
+
+        start, end = max(0, start), min(end, self.length)
+        if end <= start:
+            return np.zeros(0, self.dtype)
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        size = self.dtype.itemsize
+        want = (end - start) * size
+        data = os.pread(self._fd, want, self.offset + start * size)
+        if len(data) != want:
+            raise OSError(f"{self.path}: short read ({len(data)} of {want} bytes) — the file is truncated")
+        return np.frombuffer(data, dtype=self.dtype)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            start, stop, step = i.indices(self.length)
+            return self.read(start, stop)[::step] if step != 1 else self.read(start, stop)
+        i = int(i)
+        if i < 0:
+            i += self.length
+        if not 0 <= i < self.length:
+            raise IndexError(f"index {i} outside [0, {self.length})")
+        return self.read(i, i + 1)[0]
+
+    def __array__(self, dtype=None, copy=None):
+        arr = self.read(0, self.length)
+        return arr.astype(dtype) if dtype is not None else arr
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass

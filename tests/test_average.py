@@ -32,7 +32,15 @@ def test_average_of_trainer_checkpoints_and_the_final_model(tmp_path, tiny_data)
     assert read_meta(out)["stage"] == "average" and read_meta(out)["status"] == "complete"
 
     # Reference: the tensors of the three inputs, averaged one by one (the tied lm_head is the embedding).
-    sources = [load_file(str(p / "model.safetensors")) for p in (*ckpts, run)]
+    # A checkpoint is a DCP directory: torch's own converter reads it (model keys are "model.model.<name>").
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    sources = []
+    for p in ckpts:
+        dcp_to_torch_save(p, tmp_path / f"{p.name}.pt")
+        full = torch.load(tmp_path / f"{p.name}.pt", weights_only=False)["model"]
+        sources.append({k.removeprefix("model."): v for k, v in full.items()})
+    sources.append(load_file(str(run / "model.safetensors")))
     got = load_file(str(out / "model.safetensors"))
     assert "lm_head.weight" not in got and set(got) == set(sources[-1])
     for key, value in got.items():

@@ -12,7 +12,8 @@ from transformers import LlamaConfig
 from famex.cli import main as cli_main
 from famex.errors import FamexError
 from famex.eval.cost import gptq_cost
-from famex.eval.costcli import cost_document, store_bytes_per_token
+from famex.eval.costcli import cost_document
+from famex.eval.costdoc import store_bytes_per_token
 from famex.models import model_info
 from famex.stage import Stage
 from famex.utils import atomic_write_json

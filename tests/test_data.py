@@ -141,6 +141,43 @@ def test_bad_inputs(tmp_path, tokenizer_dir):
     assert token_dtype(131072, "auto") == np.uint32 and token_dtype(49152, "auto") == np.uint16
 
 
+def test_one_expansion_for_text_and_chat_inputs(tmp_path):
+    """Text and chat inputs are found by one function; only the formats each kind reads differ."""
+    from famex.data.chat import read_chat_records
+    from famex.data.sources import expand_inputs
+    from famex.posttrain.dpo import preference_paths
+
+    root = tmp_path / "in"
+    (root / "sub" / "saved").mkdir(parents=True)
+    (root / "sub" / "saved" / "state.json").write_text("{}")  # a saved datasets directory
+    for name in ("b.jsonl", "a.TXT", "c.json", "d.jsonl.gz", "e.parquet", "f.csv", "sub/g.jsonl"):
+        (root / name).write_bytes(b"")
+    expected_text = sorted([root / n for n in ("a.TXT", "b.jsonl", "c.json", "d.jsonl.gz", "e.parquet", "sub/g.jsonl")]
+                           + [root / "sub" / "saved"])
+    assert expand_inputs([str(root)]) == expected_text
+    assert expand_inputs([str(root)], "chat") == [p for p in expected_text if p.name != "a.TXT"]
+    # Named explicitly, a file its kind does not read is refused before any stage starts: .txt for chat, .csv for both.
+    assert expand_inputs([str(root / "a.TXT")]) == [root / "a.TXT"]
+    with pytest.raises(FamexError, match=r"a.TXT: unsupported file type for chat input; use .jsonl, .jsonl.gz, .json, .parquet or"):
+        expand_inputs([str(root / "a.TXT")], "chat")
+    with pytest.raises(FamexError, match=r"a.TXT: unsupported file type for chat input"):
+        preference_paths([str(root / "a.TXT")])
+    for kind in ("text", "chat"):
+        with pytest.raises(FamexError, match=rf"f.csv: unsupported file type for {kind} input"):
+            expand_inputs([str(root / "f.csv")], kind)
+        with pytest.raises(FamexError, match="input not found"):
+            expand_inputs([str(tmp_path / "nope")], kind)
+    with pytest.raises(FamexError, match=r"no input given .* or --demo-chat"):
+        expand_inputs([], "chat")
+    only_txt = tmp_path / "txt-only"
+    only_txt.mkdir()
+    (only_txt / "x.txt").write_text("words")
+    with pytest.raises(FamexError, match=r"txt-only: no .jsonl, .jsonl.gz, .json, .parquet files"):
+        expand_inputs([str(only_txt)], "chat")
+    with pytest.raises(FamexError, match="chat and preference records are read from"):
+        list(read_chat_records([only_txt / "x.txt"]))  # the reader keeps the same rule for direct callers
+
+
 def test_cli_error_exit_code(tmp_path):
     r = subprocess.run([sys.executable, "-m", "famex", "data", "--input", str(tmp_path / "x.jsonl"), "--out", str(tmp_path / "o")],
                        capture_output=True, text=True)

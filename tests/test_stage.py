@@ -7,6 +7,7 @@ import json
 import pytest
 
 from famex.errors import FamexError
+from famex.integrity import with_digest
 from famex.stage import Stage, content_hash, same_content
 from famex.utils import sha256_file
 
@@ -17,7 +18,7 @@ def finished(out, config, when: str):
     st.finish({"tokens": 10})
     meta = json.loads((out / "meta.json").read_text())
     meta["started"] = meta["finished"] = when  # as if it had run at another time
-    (out / "meta.json").write_text(json.dumps(meta))
+    (out / "meta.json").write_text(json.dumps(with_digest(meta)))
     return out
 
 
@@ -36,12 +37,12 @@ def test_inputs_recorded_as_the_whole_meta_file_still_match(tmp_path):
     meta = json.loads((out / "meta.json").read_text())
     legacy = "meta:" + sha256_file(data / "meta.json")  # how famex 0.1 before this change hashed it
     meta["inputs"]["data"]["hash"] = legacy
-    (out / "meta.json").write_text(json.dumps(meta))
+    (out / "meta.json").write_text(json.dumps(with_digest(meta)))
     assert same_content(legacy, data) and not same_content("meta:" + "0" * 64, data)
     assert Stage(out, "logits", {"top_k": 8}, {"data": data}).begin() is False  # resumes, no refusal
     # A real change is still refused.
     meta_d = json.loads((data / "meta.json").read_text())
     meta_d["config"]["seq_len"] = 32
-    (data / "meta.json").write_text(json.dumps(meta_d))
+    (data / "meta.json").write_text(json.dumps(with_digest(meta_d)))  # as a rerun would write it
     with pytest.raises(FamexError, match="input data changed"):
         Stage(out, "logits", {"top_k": 8}, {"data": data}).begin()

@@ -19,8 +19,9 @@ template ends a turn with ordinary text, EOS is appended to the span so the mode
 Preference records (DPO) hold ``prompt`` (a string = one user turn, or a messages list ending with a
 user turn), ``chosen`` and ``rejected`` (a string, one assistant message, or a list ending with one).
 
-What this module does not do: write shards or split train/val (`famex.data.prepare`), pack chunks
-(`famex.data.packing`), or build the demo chat set (`famex.posttrain.demo`).
+What this module does not do: find the input files (`famex.data.sources.expand_inputs`, which
+also says which suffixes hold records), write shards or split train/val (`famex.data.prepare`),
+pack chunks (`famex.data.packing`), or build the demo chat set (`famex.posttrain.demo`).
 """
 
 from __future__ import annotations
@@ -33,10 +34,10 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
+from famex.data.sources import INPUT_KINDS, file_format, suffixes
 from famex.errors import FamexError
 
 ROLES = ("system", "user", "assistant")
-CHAT_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".parquet")
 
 Messages = list[dict[str, Any]]
 
@@ -209,8 +210,8 @@ def _records(path: Path) -> Iterator[tuple[str, dict]]:
             for i, row in enumerate(part):
                 yield f"{path}{'/' + name if name else ''}[{i}]", row
         return
-    name = path.name.lower()
-    if name.endswith(".parquet"):
+    fmt = file_format(path)
+    if fmt == "parquet":
         import pyarrow.parquet as pq
 
         try:
@@ -220,9 +221,9 @@ def _records(path: Path) -> Iterator[tuple[str, dict]]:
         for i, row in enumerate(table.to_pylist()):
             yield f"{path}[{i}]", row
         return
-    if not name.endswith(CHAT_SUFFIXES):
-        raise FamexError(f"{path}: chat and preference records are read from {', '.join(CHAT_SUFFIXES)} files")
-    opener = gzip.open if name.endswith(".gz") else open
+    if fmt not in INPUT_KINDS["chat"]:
+        raise FamexError(f"{path}: chat and preference records are read from {', '.join(suffixes('chat'))} files")
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
     with opener(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             if not raw.strip():
@@ -237,27 +238,6 @@ def _records(path: Path) -> Iterator[tuple[str, dict]]:
             if not isinstance(record, dict):
                 raise FamexError(f"{where}: expected a JSON object, found {type(record).__name__}")
             yield where, record
-
-
-def expand_chat_inputs(inputs: Sequence[str]) -> list[Path]:
-    """Files (and saved datasets directories) named by ``inputs``, directories expanded in sorted order."""
-    from famex.data.sources import is_saved_dataset
-
-    if not inputs:
-        raise FamexError("no input given — pass --input FILE... (JSONL or Parquet chat records)")
-    out: list[Path] = []
-    for item in inputs:
-        path = Path(item).expanduser()
-        if not path.exists():
-            raise FamexError(f"input not found: {path} — check the path (JSONL or Parquet chat records)")
-        if path.is_file() or is_saved_dataset(path):
-            out.append(path)
-            continue
-        found = sorted(p for p in path.rglob("*") if p.is_file() and p.name.lower().endswith(CHAT_SUFFIXES))
-        if not found:
-            raise FamexError(f"{path}: no {', '.join(CHAT_SUFFIXES)} files found in this directory")
-        out.extend(found)
-    return out
 
 
 def read_chat_records(paths: Sequence[Path], field: str = "messages") -> Iterator[tuple[str, Messages]]:

@@ -31,10 +31,12 @@ the template's hash and ``metrics.json`` the counts (truncated, dropped, padding
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import io
 import multiprocessing as mp
 import os
+import shutil
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -84,6 +86,8 @@ class DataConfig:
     """Chat records: a Jinja chat template file to render with (saved with the tokenizer) instead of the tokenizer's own."""
     demo_chat: bool = False
     """Build the offline demo chat + preference sets (trivia_qa / nq_open questions answered by the --tokenizer model) into OUT/sources/, then tokenize the chat set."""
+    shard: str = ""
+    """I/N: tokenize only part I (0-based) of N of the input files, by size, into OUT/parts/; the part that finishes last merges them (under torchrun: RANK/WORLD_SIZE)."""
 
     @property
     def is_chat(self) -> bool:
@@ -104,6 +108,22 @@ class DataConfig:
             raise FamexError("--demo is prose, not chat records; use --demo-chat for the demo chat set")
         if self.chat_template and not self.is_chat:
             raise FamexError("--chat-template applies to chat records; add --chat")
+        if self.shard:
+            parse_shard(self.shard)
+            if self.demo or self.is_chat or self.max_tokens is not None:
+                raise FamexError("--shard (or torchrun) splits the input files of a text corpus; --demo, --chat, --demo-chat "
+                                 "and --max-tokens run in one process (their order depends on everything before)")
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"I/N"`` → (I, N), 0 ≤ I < N."""
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise FamexError(f"--shard {text!r}: expected I/N, e.g. 0/4 for the first of four parts") from None
+    if not 0 <= i < n:
+        raise FamexError(f"--shard {text!r}: I must be in [0, N)")
+    return i, n
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -281,13 +301,9 @@ def _input_paths(cfg: DataConfig) -> list[Path]:
     """The input files, checked before the stage starts (none for the demo corpora)."""
     if cfg.demo or cfg.demo_chat:
         return []
-    if cfg.chat:
-        from famex.data.chat import expand_chat_inputs
-
-        return expand_chat_inputs(cfg.input)
     from famex.data.sources import expand_inputs
 
-    return expand_inputs(cfg.input)
+    return expand_inputs(cfg.input, "chat" if cfg.chat else "text")
 
 
 def _documents(cfg: DataConfig, paths: list[Path], out: Path) -> Iterator:
@@ -306,7 +322,18 @@ def _documents(cfg: DataConfig, paths: list[Path], out: Path) -> Iterator:
         return read_chat_records(paths, cfg.messages_field)
     from famex.data.sources import iter_documents
 
-    return iter_documents(paths, cfg.text_field)
+    return _with_file_ends(paths, cfg.text_field, iter_documents)
+
+
+FILE_END = object()  # between two input files in the document stream: a segment (shard) ends there
+
+
+def _with_file_ends(paths: list[Path], field: str, iter_documents) -> Iterator:
+    # Segments close at every input file's end, so each file's shards depend on that file alone:
+    # parts of the inputs tokenized apart (--shard, torchrun) write the shards one process would.
+    for path in paths:
+        yield from iter_documents([path], field)
+        yield FILE_END
 
 
 def prepare(cfg: DataConfig) -> Path:
@@ -323,28 +350,124 @@ def prepare(cfg: DataConfig) -> Path:
         if not Path(cfg.chat_template).is_file():
             raise FamexError(f"chat template not found: {cfg.chat_template} — pass a Jinja template file")
         inputs["chat_template"] = cfg.chat_template
-    stage = Stage(out, "data", cfg, inputs, identity_exclude=("workers",))
+    torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not cfg.shard
+    if torchrun:
+        cfg = dataclasses.replace(cfg, shard=f"{os.environ['RANK']}/{os.environ['WORLD_SIZE']}")
+        cfg.validate()
+    part = parse_shard(cfg.shard) if cfg.shard else None
+    # Recorded without --shard: the merged directory is the one a single process writes.
+    stage = Stage(out, "data", dataclasses.replace(cfg, shard=""), inputs, identity_exclude=("workers",))
     if stage.begin():
         return out
     try:
-        docs = _documents(cfg, paths, out)
-        _prepare(cfg, stage, docs, spec, load_tokenizer)
+        if part is None:
+            _prepare(cfg, stage, _documents(cfg, paths, out), spec, load_tokenizer)
+            return out
+        i, n = part
+        work = _part_dir(out, i, n)
+        if not (work / PART_DONE).is_file():
+            mine = _part_paths(paths, i, n)
+            log(f"famex data: part {i}/{n}: {len(mine)} of {len(paths)} input files")
+            _prepare(cfg, stage, _documents(cfg, mine, out), spec, load_tokenizer, work=work)
+        if torchrun:
+            import torch.distributed as dist
+
+            if not dist.is_initialized():
+                dist.init_process_group("gloo")
+            dist.barrier()  # every rank's part is written
+            if i == 0:
+                _merge_parts(cfg, stage, n)
+            dist.barrier()  # nobody returns before the directory is complete
+        elif not _merge_parts(cfg, stage, n):
+            log(f"famex data: part {i}/{n} written to {work}; the part that finishes last merges them into {out}")
     except BaseException as e:
         stage.fail(e)
         raise
     return out
 
 
-def _prepare(cfg: DataConfig, stage: Stage, docs: Iterator[str], spec, load_tokenizer) -> None:
+PARTS_DIR = "parts"
+PART_DONE = "part.json"
+
+
+def _part_dir(out: Path, i: int, n: int) -> Path:
+    return out / PARTS_DIR / f"{i:05d}-of-{n:05d}"
+
+
+def _part_paths(paths: list[Path], i: int, n: int) -> list[Path]:
+    """Part ``i`` of ``n``: a contiguous run of the input files, cut so that the parts hold similar bytes."""
+    sizes = [p.stat().st_size if p.is_file() else sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) for p in paths]
+    before = np.concatenate([[0], np.cumsum(sizes)[:-1]]) if sizes else np.zeros(0)
+    total = sum(sizes)
+    first = int(np.searchsorted(before, total * i / n, side="left")) if i else 0
+    last = int(np.searchsorted(before, total * (i + 1) / n, side="left")) if i + 1 < n else len(paths)
+    return paths[first:last]
+
+
+def _merge_parts(cfg: DataConfig, stage: Stage, n: int) -> bool:
+    """Once all ``n`` parts are written: move their shards into place under the numbering one process
+    gives them, write progress.json and meta.json, drop parts/. Safe to rerun after a crash (moves
+    already done are skipped); False while some part is unfinished."""
     out = stage.out
+    dirs = [_part_dir(out, i, n) for i in range(n)]
+    if not all((d / PART_DONE).is_file() for d in dirs):
+        return False
+    state: dict = {"segments": [], "docs_end": 0, "empty_docs": 0}
+    new_tokens, elapsed = 0, 0.0
+    for d in dirs:
+        part = read_json(d / PART_DONE)
+        for rec in part["segments"]:
+            index = len(state["segments"])
+            merged = {"index": index, "docs_end": state["docs_end"] + rec["docs_end"]}
+            for split in SPLITS:
+                shard = dict(rec[split]) if rec[split] else None
+                if shard is not None:
+                    for key, name in zip(("tokens_file", "docs_file"), _shard_names(split, index)):
+                        src, dst = d / shard[key], out / name
+                        if src.is_file():
+                            dst.parent.mkdir(parents=True, exist_ok=True)
+                            os.replace(src, dst)
+                        elif not dst.is_file():
+                            raise FamexError(f"{src} is missing (and {dst} too) — delete {d} and rerun part {d.name}")
+                        shard[key] = name
+                merged[split] = shard
+            state["segments"].append(merged)
+        state["docs_end"] += part["docs_end"]
+        state["empty_docs"] += part["empty_docs"]
+        new_tokens += part["new_tokens"]
+        elapsed = max(elapsed, part["elapsed"])
+    atomic_write_json(out / "progress.json", state)
+    _finish(cfg, stage, state, new_tokens, elapsed, _workers(cfg))
+    shutil.rmtree(out / PARTS_DIR, ignore_errors=True)
+    return True
+
+
+def _workers(cfg: DataConfig) -> int:
+    # Under torchrun the ranks of a node share its cores.
+    return cfg.workers or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+def _prepare(cfg: DataConfig, stage: Stage, docs: Iterator[str], spec, load_tokenizer, work: Path | None = None) -> None:
+    """Tokenize ``docs`` into shards under ``work`` (a part directory; default: the stage directory,
+    which is then finished)."""
+    out = stage.out
+    part = work is not None
+    work = work or out
     tok_dir = out / "tokenizer"
     if not (tok_dir / "tokenizer_config.json").is_file():
         tokenizer = load_tokenizer(spec)
         if cfg.chat_template:
             # Saved with the tokenizer, so every model trained on this data carries the template.
             tokenizer.chat_template = Path(cfg.chat_template).read_text(encoding="utf-8")
-        with atomic_dir(tok_dir) as tmp:
+        with atomic_dir(work / "tokenizer" if part else tok_dir) as tmp:
             tokenizer.save_pretrained(tmp)
+        if part:
+            try:  # parts running at once: the first rename wins, the others' copies are the same files
+                os.rename(work / "tokenizer", tok_dir)
+            except OSError:
+                if not (tok_dir / "tokenizer_config.json").is_file():
+                    raise
+                shutil.rmtree(work / "tokenizer", ignore_errors=True)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)
@@ -364,7 +487,7 @@ def _prepare(cfg: DataConfig, stage: Stage, docs: Iterator[str], spec, load_toke
                            "mask": "mask-NNNNN.npy: uint8 per token, 1 = assistant token (trained on)",
                            "pad_token_id": int(eos), "chunk_aligned": True})
 
-    progress_path = out / "progress.json"
+    progress_path = work / "progress.json"
     state = read_json(progress_path) if progress_path.is_file() else {"segments": [], "docs_end": 0, "empty_docs": 0}
     if cfg.is_chat:
         state.setdefault("chat", {"records_truncated": 0, "tokens_truncated": 0, "records_dropped": 0, "pad_tokens": 0,
@@ -376,13 +499,19 @@ def _prepare(cfg: DataConfig, stage: Stage, docs: Iterator[str], spec, load_toke
     if skip:
         log(f"famex data: resuming after {skip:,} documents ({total_tokens:,} tokens already written)")
 
-    workers = cfg.workers or os.cpu_count() or 1
+    workers = _workers(cfg)
     doc_index = 0
 
     def batches() -> Iterator[list]:
         nonlocal doc_index
         batch: list = []
         for text in docs:
+            if text is FILE_END:
+                if batch:
+                    yield batch
+                    batch = []
+                yield []  # the workers return [] for it, in order: the loop below closes the segment
+                continue
             if doc_index < skip:
                 doc_index += 1
                 continue
@@ -402,7 +531,7 @@ def _prepare(cfg: DataConfig, stage: Stage, docs: Iterator[str], spec, load_toke
 
     def flush() -> None:
         nonlocal seg
-        record = seg.write(out, len(state["segments"]), next_doc, dtype)
+        record = seg.write(work, len(state["segments"]), next_doc, dtype)
         state["segments"].append(record)
         state["docs_end"] = next_doc
         atomic_write_json(progress_path, state)
@@ -414,6 +543,10 @@ def _prepare(cfg: DataConfig, stage: Stage, docs: Iterator[str], spec, load_toke
         mapper = _bounded_map(_encode_batch, batches(), workers, (str(tok_dir), int(eos), cfg.val_fraction))
     if not done:
         for results in mapper:
+            if not results:  # an input file ended
+                if seg.count:
+                    flush()
+                continue
             for item in results:
                 next_doc += 1
                 if item is None:
@@ -441,7 +574,14 @@ def _prepare(cfg: DataConfig, stage: Stage, docs: Iterator[str], spec, load_toke
         flush()
     bar.close()
     elapsed = time.perf_counter() - t0
+    if part:
+        atomic_write_json(work / PART_DONE, {**state, "new_tokens": new_tokens, "elapsed": elapsed})
+    else:
+        _finish(cfg, stage, state, new_tokens, elapsed, workers)
 
+
+def _finish(cfg: DataConfig, stage: Stage, state: dict, new_tokens: int, elapsed: float, workers: int) -> None:
+    out = stage.out
     splits = {}
     for split in SPLITS:
         shards = [seg[split] for seg in state["segments"] if seg[split]]

@@ -1,9 +1,16 @@
-"""Reading documents from local text sources, one at a time, in a fixed order.
+"""Finding input files, and reading documents from local text sources, one at a time, in a fixed order.
 
 Supported: JSONL (``.jsonl``, ``.jsonl.gz``, ``.json`` with one object per line), Parquet, plain
 ``.txt`` (one file = one document), saved Hugging Face ``datasets`` directories
 (``save_to_disk``), and directories of such files (recursively, sorted by path). The order is
 deterministic so that a resumed `famex data` run can skip what it already wrote.
+
+`expand_inputs` finds the files of both kinds of input: text documents, and chat or preference
+records (`famex.data.chat` reads those). Which suffix is read how is data (`FORMATS`), and so is
+which formats each kind takes (`INPUT_KINDS`): chat and preference records come from JSONL,
+Parquet or saved datasets, never from ``.txt``. A file named explicitly with a suffix its kind does
+not read is refused before the stage starts, for chat input as for text; inside a directory such
+files are skipped.
 
 What this module does not do: tokenize, split or write anything.
 """
@@ -17,15 +24,28 @@ from typing import Iterator
 
 from famex.errors import FamexError
 
-TEXT_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".parquet", ".txt")
+FORMATS = {".jsonl": "jsonl", ".jsonl.gz": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".txt": "text"}
+"""How a file is read, by its suffix (case-insensitive); a ``.json`` file holds one JSON object per line too."""
+
+INPUT_KINDS = {
+    "text": ("jsonl", "parquet", "text"),
+    "chat": ("jsonl", "parquet"),
+}
+"""The file formats each kind of input reads: documents (text), or chat and preference records (chat)."""
+
+_DEMO_OPTION = {"text": "--demo", "chat": "--demo-chat"}
 
 
-def _suffix(path: Path) -> str:
+def file_format(path: Path) -> str | None:
+    """The `FORMATS` entry of a file's suffix (the longest suffix that matches), None when famex does not read it."""
     name = path.name.lower()
-    for s in TEXT_SUFFIXES:
-        if name.endswith(s):
-            return s
-    return path.suffix.lower()
+    matches = [s for s in FORMATS if name.endswith(s)]
+    return FORMATS[max(matches, key=len)] if matches else None
+
+
+def suffixes(kind: str) -> list[str]:
+    """The file suffixes an input of ``kind`` reads."""
+    return [s for s, fmt in FORMATS.items() if fmt in INPUT_KINDS[kind]]
 
 
 def is_saved_dataset(path: Path) -> bool:
@@ -34,26 +54,34 @@ def is_saved_dataset(path: Path) -> bool:
     )
 
 
-def expand_inputs(inputs: list[str]) -> list[Path]:
-    """Files and saved-dataset directories named by ``inputs``, in reading order."""
+def expand_inputs(inputs: list[str], kind: str = "text") -> list[Path]:
+    """Files and saved-dataset directories named by ``inputs``, in reading order, for an input of ``kind``.
+
+    Directories are searched recursively (sorted by path) for files of the kind's formats and saved
+    datasets; a file named explicitly must be of one of those formats.
+    """
+    readable = ", ".join(suffixes(kind))
+    what = f"{readable} files, directories of them, or saved datasets directories"
     if not inputs:
-        raise FamexError("no input given — pass --input FILE_OR_DIR... (JSONL, Parquet, .txt or a saved datasets dir), or --demo")
+        raise FamexError(f"no input given — pass --input FILE_OR_DIR... ({what}), or {_DEMO_OPTION[kind]}")
     out: list[Path] = []
     for item in inputs:
         path = Path(item).expanduser()
         if not path.exists():
-            raise FamexError(f"input not found: {path} — check the path (JSONL, Parquet, .txt files or directories)")
+            raise FamexError(f"input not found: {path} — check the path ({what})")
         if path.is_file():
-            if _suffix(path) not in TEXT_SUFFIXES:
-                raise FamexError(f"{path}: unsupported file type; use {', '.join(TEXT_SUFFIXES)} or a saved datasets directory")
+            if file_format(path) not in INPUT_KINDS[kind]:
+                raise FamexError(f"{path}: unsupported file type for {kind} input; use {readable} or a saved datasets directory")
             out.append(path)
         elif is_saved_dataset(path):
             out.append(path)
         else:
-            found = sorted(p for p in path.rglob("*") if p.is_file() and _suffix(p) in TEXT_SUFFIXES)
             datasets_dirs = sorted(p for p in path.rglob("*") if is_saved_dataset(p))
+            # A saved dataset's own files (state.json, dataset_info.json) are not inputs of their own.
+            found = sorted(p for p in path.rglob("*") if p.is_file() and file_format(p) in INPUT_KINDS[kind]
+                           and not any(d in p.parents for d in datasets_dirs))
             if not found and not datasets_dirs:
-                raise FamexError(f"{path}: no JSONL, Parquet or .txt files (or saved datasets) found in this directory")
+                raise FamexError(f"{path}: no {readable} files (or saved datasets) found in this directory")
             out.extend(sorted(found + datasets_dirs))
     return out
 
@@ -120,10 +148,10 @@ def iter_documents(paths: list[Path], field: str = "text") -> Iterator[str]:
         if path.is_dir():
             yield from _saved_dataset(path, field)
             continue
-        kind = _suffix(path)
-        if kind in (".jsonl", ".jsonl.gz", ".json"):
+        fmt = file_format(path)
+        if fmt == "jsonl":
             yield from _jsonl(path, field)
-        elif kind == ".parquet":
+        elif fmt == "parquet":
             yield from _parquet(path, field)
         else:
             yield _decode(path.read_bytes(), str(path))

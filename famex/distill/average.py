@@ -2,8 +2,9 @@
 
 The paper averages the last checkpoints of a distillation run before quantizing and measures how
 much of the quantization gap that closes (RTN up to 10%, GPTQ ≈2%, QAD ≈0%). Inputs are model
-directories holding ``model*.safetensors`` and ``config.json``: a finished distill / sft output
-or the trainer's ``checkpoints/step-N`` directories, which carry both. The output is a plain
+directories holding ``model*.safetensors`` and ``config.json`` (a finished distill / sft output),
+or the trainer's ``checkpoints/step-N`` directories (``config.json`` + the sharded DCP checkpoint,
+whose model weights are read into one state dict here). The output is a plain
 Hugging Face model directory (the first input's config.json, the averaged weights in their own
 dtype, averaged in fp32; tokenizer files from the first input that has them, or from the run
 directory of a checkpoint).
@@ -63,13 +64,22 @@ def main(args: argparse.Namespace) -> int:
 def _check_input(path: Path) -> None:
     if not path.is_dir():
         raise FamexError(f"checkpoint not found: {path}")
-    if not (path / "config.json").is_file() or not any(path.glob("model*.safetensors")):
-        raise FamexError(f"{path} is not a model or checkpoint directory (needs config.json and model*.safetensors)")
+    if not (path / "config.json").is_file() or not (any(path.glob("model*.safetensors")) or _is_trainer_checkpoint(path)):
+        raise FamexError(f"{path} is not a model or checkpoint directory (needs config.json and model*.safetensors, "
+                         "or a trainer checkpoint's DCP files)")
     if (path / "quantization.json").is_file() or read_json(path / "config.json").get("famex_quantization"):
         raise FamexError(f"{path} is quantized: average the unquantized checkpoints, then quantize the average")
 
 
+def _is_trainer_checkpoint(path: Path) -> bool:
+    return (path / ".metadata").is_file()  # torch.distributed.checkpoint's index
+
+
 def _weights(path: Path) -> dict[str, torch.Tensor]:
+    if _is_trainer_checkpoint(path) and not any(path.glob("model*.safetensors")):
+        from famex.distill.trainer import checkpoint_weights
+
+        return checkpoint_weights(path)
     out: dict[str, torch.Tensor] = {}
     for f in sorted(path.glob("model*.safetensors")):
         out.update(load_file(str(f)))

@@ -15,35 +15,36 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 
-from famex.config import add_config_arguments, resolve_config
-from famex.data.packing import IGNORE_INDEX, PackedChunks, chunk_permutation, collate, model_inputs
+from famex.config import add_config_arguments, compose, resolve_config
+from famex.data.packing import IGNORE_INDEX, ChunkOrder, PackedChunks, collate, model_inputs
 from famex.distill.losses import LossOut, distill_loss
-from famex.distill.trainer import TRAIN_IDENTITY_EXCLUDE, TrainConfig, setup_distributed, stage_on_ranks, train
+from famex.distill.trainer import setup_distributed, stage_on_ranks, train
 from famex.errors import FamexError
 from famex.stage import Stage, require_complete, same_content
+from famex.train_options import TRAIN_IDENTITY_EXCLUDE, DistillOptions, TrainOptions
+
+PRESET_DEFAULT = "default: the preset's paper value, else required"
 
 
+# The paper's pre-training recipe is TrainOptions' own defaults (AdEMAMix + WSD); a paper preset
+# gives iters, lr and global batch (famex.models.presets).
 @dataclass
-class DistillConfig(TrainConfig):
+@compose(TrainOptions, notes={"global_batch": PRESET_DEFAULT, "iters": PRESET_DEFAULT, "lr": PRESET_DEFAULT})
+@compose(DistillOptions, notes={"logits": "required; 'none' trains with CE alone, the baseline distillation must beat"})
+class DistillConfig:
+    out: str = ""
+    """Output directory: the final Hugging Face model, checkpoints/, log.jsonl, meta.json, metrics.json."""
+    seed: int = 0
+    """Seed of the student's initialisation and of the chunk order when no logit store fixes it."""
     student: str = ""
     """A student preset (famex info --list) or a model directory to continue training."""
     data: str = ""
     """A `famex data` directory (its train split is trained on, its val split validates)."""
-    logits: str = ""
-    """A `famex logits` store over the data's train split, or 'none' for CE-only training."""
-    val_logits: str = ""
-    """Optional store over the val split: validation then also reports KL to the teacher."""
-    kl_weight: float = 0.9
-    """Weight of the KL term; the CE term gets 1 − kl_weight (the paper's 0.9 / 0.1)."""
-    temperature: float = 1.0
-    """Distillation temperature (1 = the teacher's own distribution)."""
-    tail: Literal["renormalize", "bucket"] = "renormalize"
-    """Teacher mass outside the top-k: renormalize the top-k, or keep it as one extra bucket."""
 
     def validate(self) -> None:
         if not self.out:
@@ -104,7 +105,7 @@ class DistillTask:
                  temperature: float = 1.0, tail: str = "renormalize", val_chunks: PackedChunks | None = None,
                  val_store=None):
         self.chunks, self.store = chunks, store
-        self.order = None if store is not None else chunk_permutation(len(chunks), seed)
+        self.order = None if store is not None else ChunkOrder(len(chunks), seed)
         self.kl_weight, self.temperature, self.tail = kl_weight, temperature, tail
         self.val_chunks, self.val_store = val_chunks, val_store
         if len(chunks) == 0:
@@ -169,18 +170,17 @@ def packed_loss(model, batch, chunk_tokens: int, *, kl_weight: float, temperatur
 def validate_chunks(model, chunks: PackedChunks, store, rank: int, world: int, max_chunks: int = 0, *,
                     temperature: float = 1.0, tail: str = "renormalize", micro_batch: int = 4) -> dict[str, float]:
     """Mean next-token CE over the chunks (and KL to the teacher where a store is given), over all ranks."""
-    from famex.distill.trainer import Dist, all_reduce_sum
+    from famex.distill.trainer import Dist, all_reduce_sum, rank_batches
 
     n = len(chunks) if not max_chunks else min(max_chunks, len(chunks))
-    mine = list(range(rank, n, world))
     device = next(model.parameters()).device
     sums = torch.zeros(3, dtype=torch.float64, device=device)
-    for i in range(0, len(mine), micro_batch):
-        idx = mine[i: i + micro_batch]
+    for idx, counted in rank_batches(n, rank, world, micro_batch):
         samples = [_with_teacher(chunks, store, p) if store is not None else chunks[p] for p in idx]
         batch = {k: v.to(device) for k, v in collate(samples).items()}
         out = packed_loss(model, batch, 1024, kl_weight=0.0 if store is None else 1.0, temperature=temperature, tail=tail)
-        sums += torch.stack([out.ce_sum.double(), out.kl_sum.double(), out.count.double()])
+        if counted:
+            sums += torch.stack([out.ce_sum.double(), out.kl_sum.double(), out.count.double()])
     if world > 1:
         sums = all_reduce_sum(sums, Dist(rank, world, device=device))
     count = max(sums[2].item(), 1.0)
@@ -193,7 +193,7 @@ def validate_chunks(model, chunks: PackedChunks, store, rank: int, world: int, m
 # ---------------------------------------------------------------- the stage
 
 
-def resolve_schedule(cfg: TrainConfig, student: str) -> tuple[int, float, int]:
+def resolve_schedule(cfg: DistillConfig, student: str) -> tuple[int, float, int]:
     """iters, lr, global batch: explicit values, else the preset's paper values."""
     from famex.models import PRESETS
 
@@ -232,7 +232,7 @@ def distill(cfg: DistillConfig) -> Path:
         done = flag[0]
     if done:
         return out
-    with stage_on_ranks(stage, d):
+    with stage_on_ranks(stage, d) as finish:
         tokenizer_dir = Path(cfg.data) / "tokenizer"
         from transformers import AutoTokenizer
 
@@ -252,7 +252,7 @@ def distill(cfg: DistillConfig) -> Path:
             metrics = dict(result.metrics)
             metrics["params"] = sum(p.numel() for p in {id(p): p for p in result.model.parameters()}.values())
             metrics["objective"] = "kd" if store is not None else "ce"
-            stage.finish(metrics)
+            finish(metrics)
     return out
 
 

@@ -9,8 +9,11 @@ to validate); the loop does the rest the same way for every stage:
   gloo on CPU, NCCL on GPU; bf16 autocast on GPU, fp32 on CPU;
 - AdEMAMix + WSD (pre-training) or AdamW + cosine (QAD, post-training);
 - periodic checkpoints written atomically (model, optimizer, schedule, RNG, step — the data
-  position is a function of the step), the last N kept; a restarted run continues from the
-  newest one and ends with exactly the weights of an uninterrupted run;
+  position is a function of the step), the last N kept; model and optimizer are sharded
+  `torch.distributed.checkpoint` directories (each rank writes and reads only its own shards, and a
+  checkpoint resumes on another number of ranks); a restarted run continues from the newest one and
+  ends with exactly the weights of an uninterrupted run;
+- a stage is complete only once every rank finished (`stage_on_ranks`); a failing rank fails it;
 - a tqdm bar, one metrics line per logging interval, ``log.jsonl`` (step, loss, kl, ce, lr,
   grad norm, tokens/s) and validation every N steps;
 - a non-finite loss stops the run at that step and keeps the last good checkpoint.
@@ -29,84 +32,30 @@ import random
 import re
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal, Protocol
+from typing import Any, Callable, Protocol
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from famex import integrity
 from famex.distill.losses import LossOut
 from famex.distill.optim import AdEMAMix, cosine_schedule, lr_lambda, wsd_schedule
 from famex.errors import FamexError
-from famex.utils import atomic_dir, atomic_write_bytes, is_quiet, log, progress
+from famex.train_options import TRAIN_IDENTITY_EXCLUDE, TrainOptions  # noqa: F401 (re-exported)
+from famex.utils import atomic_dir, atomic_write_bytes, is_quiet, log, progress, sha256_file
 
 CKPT_DIR = "checkpoints"
+TRAINER_STATE = "trainer.pt"
 LOG_FILE = "log.jsonl"
 
 
-@dataclass
-class TrainConfig:
-    """Options every training stage shares (stage configs extend this)."""
-
-    out: str = ""
-    """Output directory: the final Hugging Face model, checkpoints/, log.jsonl, meta.json, metrics.json."""
-    global_batch: int | None = None
-    """Sequences per optimizer step (default: the preset's paper value, else required)."""
-    micro_batch: int = 1
-    """Sequences per forward/backward on one rank; the rest of the global batch is accumulated."""
-    iters: int | None = None
-    """Optimizer steps (default: the preset's paper value, else required)."""
-    lr: float | None = None
-    """Peak learning rate (default: the preset's paper value, else required)."""
-    optimizer: Literal["ademamix", "adamw"] = "ademamix"
-    """AdEMAMix (the paper's pre-training optimizer) or AdamW."""
-    weight_decay: float = 0.1
-    """Decoupled weight decay."""
-    betas: list[float] | None = None
-    """Optimizer betas (AdEMAMix: β1 β2 β3, default 0.9 0.999 0.9999; AdamW: β1 β2, default 0.9 0.95)."""
-    ademamix_alpha: float = 8.0
-    """AdEMAMix mixing weight α of the slow EMA (warmed up over the whole run, as in the paper)."""
-    schedule: Literal["wsd", "cosine", "constant"] = "wsd"
-    """Learning-rate schedule: warm-up/stable/decay, cosine, or constant after warm-up."""
-    warmup_fraction: float = 0.01
-    """Fraction of the steps spent in linear warm-up."""
-    decay_fraction: float = 0.2
-    """WSD: fraction of the steps in the final decay."""
-    decay_shape: Literal["linear", "cosine", "sqrt", "1-sqrt"] = "1-sqrt"
-    """WSD: shape of the final decay."""
-    min_lr_ratio: float = 0.0
-    """Learning rate at the end of the decay, as a fraction of the peak."""
-    grad_clip: float = 1.0
-    """Clip the global gradient norm to this value (0 = no clipping)."""
-    seed: int = 0
-    """Seed of the student's initialisation and of the chunk order when no logit store fixes it."""
-    save_every: int = 500
-    """Write a checkpoint every N steps (0 = only the final model)."""
-    keep_last: int = 3
-    """Checkpoints kept (older ones are deleted once a newer one is complete)."""
-    eval_every: int = 500
-    """Validate every N steps and at the end (0 = only at the end)."""
-    eval_chunks: int = 0
-    """Validation chunks per evaluation (0 = the whole validation split)."""
-    log_every: int = 10
-    """Write a log line every N steps."""
-    loss_chunk_tokens: int = 1024
-    """Tokens per lm_head chunk in the loss (memory ≈ this × vocabulary × 4 bytes)."""
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
-    """auto = bf16 autocast on GPU, fp32 on CPU."""
-    parallel: Literal["ddp", "fsdp"] = "ddp"
-    """Under torchrun: replicate the model (DDP) or shard it with FSDP2 fully_shard."""
-    device: str = "auto"
-    """auto, cpu, cuda."""
-    prefetch: int = 2
-    """Optimizer steps whose micro-batches a background thread prepares ahead (0 = none)."""
-
-
-# Options that change speed or bookkeeping, not the weights a run ends with.
-TRAIN_IDENTITY_EXCLUDE = ("save_every", "keep_last", "eval_every", "eval_chunks", "log_every", "prefetch",
-                          "device", "micro_batch", "loss_chunk_tokens")
+# The loop reads a stage config through the `TrainOptions` fields every training stage composes
+# (famex.train_options), plus its ``out``; both names stay importable from here.
+TrainConfig = TrainOptions
 
 
 class Task(Protocol):
@@ -159,17 +108,61 @@ def setup_distributed(device: str = "auto") -> Dist:
 
 @contextlib.contextmanager
 def stage_on_ranks(stage, d: Dist):
-    """The body of a training stage on every rank: an error marks the stage failed (rank 0 writes
-    meta.json) and propagates; ranks meet at a barrier on the way out either way."""
+    """The body of a training stage on every rank; yields ``finish(metrics)`` for rank 0 to call.
+
+    The stage is marked complete only once every rank has left the body without error: rank 0's
+    ``finish`` is deferred to a barrier all ranks reach after the body. A rank that raises marks the
+    stage failed (rank 0 through ``stage``, another rank by updating meta.json with its rank number)
+    and re-raises without entering another collective, so torchrun stops the job with a non-zero
+    exit and the stage never reads complete.
+    """
+    pending: dict[str, Any] = {}
+
+    def finish(metrics: dict[str, Any] | None = None) -> None:
+        pending["metrics"] = metrics
+
     try:
-        yield
-    except BaseException as e:
+        yield finish
+        _barrier(d)  # every rank finished its part
         if d.main:
-            stage.fail(e)
+            if "metrics" not in pending:
+                raise RuntimeError("the stage body ended without calling finish(metrics) on rank 0")
+            stage.finish(pending["metrics"])
+        _barrier(d)  # no rank returns (or starts the next stage) before meta.json says complete
+    except BaseException as e:
+        _mark_failed(stage, d, e)
         raise
-    finally:
-        if d.world > 1:
-            dist.barrier()
+
+
+def _mark_failed(stage, d: Dist, error: BaseException) -> None:
+    """The first failure reported wins: when rank 1 dies, rank 0 then fails too (its collective
+    loses the peer), and meta.json should keep naming rank 1's error, not the lost connection."""
+    if d.world > 1:
+        from famex.stage import RUNNING, read_meta
+
+        meta = read_meta(stage.out)
+        if not meta or meta.get("status") != RUNNING:
+            return
+        stage.meta = {**meta, "failed_rank": d.rank}
+    stage.fail(error)
+
+
+def _barrier(d: Dist) -> None:
+    if d.world > 1:
+        dist.barrier()
+
+
+def rank_batches(n: int, rank: int, world: int, micro_batch: int) -> list[tuple[list[int], bool]]:
+    """Items ``[0, n)`` of an evaluation split into this rank's micro-batches, as ``(indices, counted)``.
+
+    Every rank gets the same number of batches: under FSDP each forward all-gathers weights with the
+    other ranks, so a rank with one forward less would leave them waiting. A rank short of items runs
+    its last ones on item 0 with ``counted`` False (the caller leaves their result out).
+    """
+    mine = list(range(rank, n, world))
+    steps = math.ceil(math.ceil(n / world) / micro_batch) if n else 0
+    batches = [mine[i * micro_batch: (i + 1) * micro_batch] for i in range(steps)]
+    return [(idx, True) if idx else ([0], False) for idx in batches]
 
 
 def all_reduce_sum(x: torch.Tensor, d: Dist) -> torch.Tensor:
@@ -180,7 +173,12 @@ def all_reduce_sum(x: torch.Tensor, d: Dist) -> torch.Tensor:
 
 
 class _LossModule(torch.nn.Module):
-    """Wraps the model so that DDP / FSDP see the whole loss computation as one forward."""
+    """Wraps the model so that DDP / FSDP see the whole loss computation as one forward.
+
+    ``module(None, run=fn)`` runs ``fn(model)`` inside that forward instead: under FSDP the root's
+    parameters (embedding, final norm, lm_head) are only gathered inside the root's forward, so
+    validation goes through here (the decoder layers gather their own in theirs).
+    """
 
     def __init__(self, model: torch.nn.Module, task: Task, chunk_tokens: int):
         super().__init__()
@@ -188,7 +186,9 @@ class _LossModule(torch.nn.Module):
         self._task = task
         self._chunk = chunk_tokens
 
-    def forward(self, batch: dict[str, Any]) -> LossOut:
+    def forward(self, batch: dict[str, Any] | None, run: Callable[[torch.nn.Module], Any] | None = None) -> Any:
+        if run is not None:
+            return run(self.model)
         return self._task.loss(self.model, batch, self._chunk)
 
 
@@ -257,13 +257,14 @@ def make_schedule(opt: torch.optim.Optimizer, cfg: TrainConfig, iters: int) -> t
 
 
 def checkpoint_dirs(out: str | Path) -> list[tuple[int, Path]]:
+    """The finished checkpoints of a run, oldest first (a checkpoint directory appears only when complete)."""
     root = Path(out) / CKPT_DIR
     if not root.is_dir():
         return []
     found = []
     for p in root.iterdir():
         m = re.fullmatch(r"step-(\d+)", p.name)
-        if m and (p / "trainer.pt").is_file():
+        if m and (p / TRAINER_STATE).is_file():
             found.append((int(m.group(1)), p))
     return sorted(found)
 
@@ -283,30 +284,153 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _full_state(module: torch.nn.Module, opt: torch.optim.Optimizer, cfg: TrainConfig, d: Dist):
-    """Model and optimizer state dicts, gathered in full (FSDP) and on CPU."""
-    if d.world > 1 and cfg.parallel == "fsdp":
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
-
-        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        return get_model_state_dict(module, options=opts), get_optimizer_state_dict(module, opt, options=opts)
-    return None, opt.state_dict()
+def _state_root(module: torch.nn.Module) -> torch.nn.Module:
+    """The `_LossModule` (the FSDP root, or what DDP wraps): checkpoint keys are ``model.<HF name>``."""
+    return module if isinstance(module, _LossModule) else module.module
 
 
-def _load_full_state(module, opt, model_sd, opt_sd, cfg: TrainConfig, d: Dist) -> None:
-    if d.world > 1 and cfg.parallel == "fsdp":
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+def _sharded_state(module: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
+    """Model and optimizer state as DCP sees it: this rank's shards under FSDP, whole tensors otherwise."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
-        opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)
-        set_model_state_dict(module, model_sd, options=opts)
-        set_optimizer_state_dict(module, opt, opt_sd, options=opts)
-    else:
-        opt.load_state_dict(opt_sd)
+    root = _state_root(module)
+    return {"model": get_model_state_dict(root), "optim": get_optimizer_state_dict(root, opt)}
+
+
+def _save_checkpoint(module, opt, sched, cfg: TrainConfig, d: Dist, out: Path, step: int) -> None:
+    """Write ``checkpoints/step-N`` on every rank, atomically (temp dir + rename by rank 0).
+
+    Model and optimizer go through `torch.distributed.checkpoint`: each rank writes only its own
+    shards (under DDP the replicated tensors are split across the ranks, each written once);
+    ``trainer.pt`` (rank 0) holds the step, the schedule and the world it was written by,
+    ``rng-RRRRR.pt`` each rank's RNG state, ``config.json`` the model's config.
+    """
+    import torch.distributed.checkpoint as dcp
+
+    final = out / CKPT_DIR / f"step-{step:08d}"
+    with atomic_dir(final) if d.main else contextlib.nullcontext() as tmp:
+        where = [str(tmp) if d.main else None]
+        if d.world > 1:
+            dist.broadcast_object_list(where, src=0)
+        tmp = Path(where[0])
+        with _quiet_single_process():
+            dcp.save(_sharded_state(module, opt), checkpoint_id=tmp, no_dist=d.world == 1)
+        torch.save(_rng_state(), tmp / f"rng-{d.rank:05d}.pt")
+        # Each rank hashes the files it wrote; rank 0 the rest, into checksums.json before the rename.
+        mine = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+                for p in sorted(tmp.glob(f"__{d.rank}_*")) + [tmp / f"rng-{d.rank:05d}.pt"]}
+        records = [mine]
+        if d.world > 1:
+            records = [None] * d.world
+            dist.all_gather_object(records, mine)
+        _barrier(d)  # every rank's files are in place before rank 0 renames the directory
+        if d.main:
+            torch.save({"step": step, "scheduler": sched.state_dict(), "world": d.world, "parallel": cfg.parallel,
+                        "format": "dcp"}, tmp / TRAINER_STATE)
+            _unwrap(module).config.save_pretrained(tmp)
+            integrity.write_checksums(tmp, known={k: v for r in records for k, v in r.items()}, hidden=(".metadata",))
+    if d.main:
+        for _, old in checkpoint_dirs(out)[: -max(1, cfg.keep_last)]:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier(d)
+
+
+def _load_checkpoint(module, opt, sched, cfg: TrainConfig, d: Dist, path: Path) -> int:
+    """Restore model, optimizer, schedule and RNG from ``path`` on every rank; returns its step.
+
+    Each rank reads only the parts of the tensors it holds; DCP reshards, so a checkpoint written by
+    another number of ranks (or by DDP / a single process) loads as well.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    _check_checkpoint(path, d)
+    trainer = torch.load(path / TRAINER_STATE, map_location="cpu", weights_only=False)
+    if trainer.get("format") != "dcp":
+        raise FamexError(
+            f"{path} was written by an older famex (one full-state file per checkpoint); this famex resumes only "
+            f"sharded (DCP) checkpoints — finish the run with the famex that started it, or delete {path.parent} to restart"
+        )
+    state = _sharded_state(module, opt)
+    with _quiet_single_process():
+        dcp.load(state, checkpoint_id=path, no_dist=d.world == 1)
+    root = _state_root(module)
+    set_model_state_dict(root, state["model"])
+    set_optimizer_state_dict(root, opt, state["optim"])
+    sched.load_state_dict(trainer["scheduler"])
+    # Per-rank RNG streams: a rank the checkpoint did not have continues rank 0's (the loop itself
+    # draws no random numbers; this keeps stochastic models — dropout — exact on the same world size).
+    rng = path / f"rng-{d.rank:05d}.pt"
+    _set_rng_state(torch.load(rng if rng.is_file() else path / "rng-00000.pt", weights_only=False))
+    if d.main and trainer["world"] != d.world:
+        log(f"{path} was written by {trainer['world']} rank(s), resuming on {d.world}: model and optimizer state "
+            "resharded; the global batch and the data order are those of the checkpoint")
+    return int(trainer["step"])
+
+
+def _check_checkpoint(path: Path, d: Dist) -> None:
+    """Every file of a checkpoint against its checksums.json, the hashing split across the ranks;
+    a problem any rank finds stops every rank, before anything is loaded."""
+    fix = f"delete {path} to resume from the checkpoint before it"
+    try:
+        integrity.check_checksums(path, fix, share=(d.rank, d.world))
+        problem = None
+    except FamexError as e:
+        problem = str(e)
+    problems = [problem]
+    if d.world > 1:
+        problems = [None] * d.world
+        dist.all_gather_object(problems, problem)
+    found = [p for p in problems if p]
+    if found:
+        raise FamexError(found[0])
+
+
+@contextlib.contextmanager
+def _quiet_single_process():
+    # DCP warns that it "assumes the intent is to save in a single process" even when told so.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
+def checkpoint_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """The model weights of a trainer checkpoint as one full state dict (one process, no torchrun)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    integrity.check_checksums(path, f"{path} is damaged: average other checkpoints, or the final model")
+    meta = dcp.FileSystemReader(str(path)).read_metadata()
+    state = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in meta.state_dict_metadata.items()
+             if k.startswith("model.") and isinstance(m, TensorStorageMetadata)}
+    with _quiet_single_process():
+        dcp.load(state, checkpoint_id=path, no_dist=True)
+    # DCP keys are "model." (the state dict's section) + "model." (the loss wrapper) + the HF name.
+    return {k.removeprefix("model.model."): v for k, v in state.items()}
 
 
 def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
     inner = getattr(module, "module", module)  # DDP
     return inner.model if isinstance(inner, _LossModule) else inner
+
+
+def _gathered_model(module: torch.nn.Module, d: Dist) -> torch.nn.Module | None:
+    """FSDP: the full weights gathered into a plain model on rank 0 (CPU), for it to save; None elsewhere."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    # Every rank takes part in the gather; with cpu_offload only rank 0 receives the tensors.
+    full = get_model_state_dict(_state_root(module), options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not d.main:
+        return None
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    config = _unwrap(module).config
+    with init_empty_weights():  # parameters on meta, buffers (RoPE) real: no second copy of the weights
+        plain = AutoModelForCausalLM.from_config(config)
+    plain.load_state_dict({k.removeprefix("model."): v for k, v in full.items()}, strict=True, assign=True)
+    plain.tie_weights()
+    return plain
 
 
 # ---------------------------------------------------------------- the loop
@@ -316,7 +440,7 @@ def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
 class TrainResult:
     step: int
     metrics: dict[str, Any]
-    model: torch.nn.Module
+    model: torch.nn.Module | None
 
 
 def train(
@@ -336,6 +460,8 @@ def train(
 
     Returns the final step and metrics. The final model is written by the caller from
     ``result.model`` (rank 0), so stages can post-process it (QAD snaps weights to the grid).
+    Under FSDP ``result.model`` is a plain model holding the gathered weights on rank 0 and None on
+    the other ranks.
     """
     d = d or setup_distributed(cfg.device)
     out = Path(cfg.out)
@@ -352,24 +478,19 @@ def train(
     sched = make_schedule(opt, cfg, iters)
 
     start = 0
-    ckpts = checkpoint_dirs(out)
-    if ckpts:
-        step0, path = ckpts[-1]
-        state = torch.load(path / "trainer.pt", map_location="cpu", weights_only=False)
-        from safetensors.torch import load_file
-
-        weights = load_file(str(path / "model.safetensors"))
-        if d.world > 1 and cfg.parallel == "fsdp":
-            _load_full_state(module, opt, {f"model.{k}": v for k, v in weights.items()}, state["optimizer"], cfg, d)
-        else:
-            _unwrap(module).load_state_dict(weights, strict=True)
-            _load_full_state(module, opt, None, state["optimizer"], cfg, d)
-        sched.load_state_dict(state["scheduler"])
-        _set_rng_state(state["rng"])
-        start = step0
+    if d.main:  # what a killed checkpoint write left behind
+        for stale in (out / CKPT_DIR).glob(".step-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+    # Rank 0's view of the checkpoints decides for every rank (a shared filesystem may lag on the others).
+    latest = [str(checkpoint_dirs(out)[-1][1]) if d.main and checkpoint_dirs(out) else None]
+    if d.world > 1:
+        dist.broadcast_object_list(latest, src=0)
+    if latest[0] is not None:
+        path = Path(latest[0])
+        start = _load_checkpoint(module, opt, sched, cfg, d, path)
         if d.main:
-            log(f"resuming from {path} (step {step0} of {iters})")
-            _truncate_log(out / LOG_FILE, step0)
+            log(f"resuming from {path} (step {start} of {iters})")
+            _truncate_log(out / LOG_FILE, start)
     elif d.main and (out / LOG_FILE).exists():
         (out / LOG_FILE).unlink()
 
@@ -427,7 +548,7 @@ def train(
             if eval_now:
                 model.eval()
                 with torch.no_grad(), autocast:
-                    last_val = task.validate(model, d.rank, d.world, cfg.eval_chunks)
+                    last_val = _validate(module, task, cfg, d)
                 model.train()
             if done % lines_every == 0 or eval_now:
                 now = time.perf_counter()
@@ -458,9 +579,15 @@ def train(
     if "val_ce" in final:
         final["val_loss"] = final["val_ce"]
     if d.world > 1 and cfg.parallel == "fsdp":
-        model_sd, _ = _full_state(module, opt, cfg, d)
-        return TrainResult(iters, final, _gathered_model(model, model_sd))
+        return TrainResult(iters, final, _gathered_model(module, d))
     return TrainResult(iters, final, _unwrap(module))
+
+
+def _validate(module: torch.nn.Module, task: Task, cfg: TrainConfig, d: Dist) -> dict[str, float]:
+    run = lambda m: task.validate(m, d.rank, d.world, cfg.eval_chunks)  # noqa: E731
+    if d.world > 1 and cfg.parallel == "fsdp":
+        return module(None, run=run)  # through the FSDP root, which gathers the embedding and lm_head
+    return run(_unwrap(module))
 
 
 class _Prefetcher:
@@ -488,15 +615,6 @@ class _Prefetcher:
             for f in self.pending.values():
                 f.cancel()
             self.pool.shutdown(wait=True)
-
-
-def _gathered_model(model, state_dict):
-    """A plain (unsharded) model holding the gathered weights, for rank 0 to save (FSDP)."""
-    from transformers import AutoModelForCausalLM
-
-    plain = AutoModelForCausalLM.from_config(model.config)
-    plain.load_state_dict({k.removeprefix("model."): v for k, v in state_dict.items()}, strict=True)
-    return plain
 
 
 def _lr_at(sched) -> float:
@@ -542,27 +660,3 @@ def _truncate_log(path: Path, step: int) -> None:
         return
     keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
     atomic_write_bytes(path, ("\n".join(keep) + "\n").encode() if keep else b"")
-
-
-def _save_checkpoint(module, opt, sched, cfg: TrainConfig, d: Dist, out: Path, step: int) -> None:
-    model_sd, opt_sd = _full_state(module, opt, cfg, d)
-    if d.main:
-        from safetensors.torch import save_file
-
-        model = _unwrap(module)
-        if model_sd is None:
-            model_sd = model.state_dict()
-        else:
-            model_sd = {k.removeprefix("model."): v for k, v in model_sd.items()}
-        # Tied weights appear twice in a state dict; safetensors wants separate storages. With
-        # config.json beside it, from_pretrained (and `famex average`) load a checkpoint as it is.
-        full = {k: v.detach().cpu().contiguous().clone() for k, v in model_sd.items()}
-        with atomic_dir(out / CKPT_DIR / f"step-{step:08d}") as tmp:
-            save_file(full, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-            model.config.save_pretrained(tmp)
-            torch.save({"step": step, "optimizer": opt_sd, "scheduler": sched.state_dict(), "rng": _rng_state()},
-                       tmp / "trainer.pt")
-        for _, old in checkpoint_dirs(out)[: -max(1, cfg.keep_last)]:
-            shutil.rmtree(old, ignore_errors=True)
-    if d.world > 1:
-        dist.barrier()

@@ -9,10 +9,11 @@
 - `runtime`: opening any model famex makes as it is deployed (BF16, GGUF, famex-quantized with
   activation quantization, compressed-tensors, MLX through mlx-lm) and its size as deployed.
 - `stage`: the ``famex eval`` stage (validation loss, few-shot, size, speed, identity → metrics.json).
-- `costcli`: the ``famex cost`` command (`cost_document` of a recipe or a run directory).
+- `costdoc`: the cost document of a recipe's plan or a run directory (`recipe_cost`, `run_cost`).
+- `costcli`: the ``famex cost`` command (`cost_document` of a recipe file or a run directory).
 
 Importing this package is cheap: torch, datasets and lm-eval are imported where they are used;
-`stage`, `costcli` and `runtime` are imported by name, not from here.
+`stage`, `costdoc`, `costcli` and `runtime` are imported by name, not from here.
 """
 
 from famex.eval.cost import apertus_v11_cost, family_cost, format_cost_table, gptq_cost, stage_cost

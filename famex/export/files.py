@@ -27,7 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from famex.errors import FamexError
-from famex.quant.checkpoint import QPARAMS_FILE, QUANTIZATION_JSON, is_quantized
+from famex.quant.checkpoint import QPARAMS_FILE, QUANTIZATION_JSON, check_qparams, is_quantized, read_info
 from famex.quant.fake_quant import QParams
 from famex.quant.formats import QuantFormat
 from famex.quant.model import QUANT_MARKER
@@ -103,7 +103,8 @@ class ModelSource:
                     f"{QUANTIZATION_JSON}; export from the famex quantize output directory instead"
                 )
             return cls(path, config, tensors)
-        info = read_json(path / QUANTIZATION_JSON)
+        info = read_info(path)
+        check_qparams(path, info)
         fmt = QuantFormat.from_dict(info["format"])
         return cls(path, config, tensors, fmt, info, TensorReader(path, QPARAMS_FILE))
 

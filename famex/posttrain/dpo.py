@@ -33,18 +33,20 @@ import hashlib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
-from famex.config import add_config_arguments, resolve_config
-from famex.data.chat import ChatEncoder, PreferencePair, expand_chat_inputs, json_key, read_preferences, truncate
+from famex.config import add_config_arguments, compose, resolve_config
+from famex.data.chat import ChatEncoder, PreferencePair, json_key, read_preferences, truncate
+from famex.data.sources import expand_inputs
 from famex.distill.losses import LossOut
-from famex.distill.trainer import TRAIN_IDENTITY_EXCLUDE, TrainConfig, setup_distributed, stage_on_ranks, train
+from famex.distill.trainer import setup_distributed, stage_on_ranks, train
 from famex.errors import FamexError
 from famex.posttrain.losses import IGNORE_INDEX, dpo_loss, sequence_logps
 from famex.stage import Stage, content_hash, require_complete
+from famex.train_options import TRAIN_IDENTITY_EXCLUDE, TrainOptions
 from famex.utils import atomic_write_bytes, atomic_write_json, log, progress, read_json, sha256_bytes, sha256_file
 
 REFERENCE_FILE = "reference.safetensors"
@@ -52,7 +54,18 @@ REFERENCE_INFO = "reference.json"
 
 
 @dataclass
-class DpoConfig(TrainConfig):
+@compose(TrainOptions, global_batch=32, micro_batch=4, lr=5e-7, optimizer="adamw", weight_decay=0.0, schedule="cosine",
+         warmup_fraction=0.1, notes={
+             "micro_batch": "each pair is two sequences",
+             "lr": "DPO's usual value; small demo models need more",
+             "weight_decay": "none: the reference already anchors the policy",
+             "iters": "default: --epochs passes over the training pairs",
+         })
+class DpoConfig:
+    out: str = ""
+    """Output directory: the trained Hugging Face model, the cached reference log-probabilities, checkpoints/, log.jsonl, meta.json, metrics.json."""
+    seed: int = 0
+    """Seed of the order in which each epoch visits the training pairs."""
     model: str = ""
     """The policy's starting point: a model directory with a chat template (usually a famex sft output)."""
     data: list[str] = field(default_factory=list)
@@ -67,20 +80,6 @@ class DpoConfig(TrainConfig):
     """Fraction of pairs held out for validation, chosen by a hash of each record."""
     epochs: float = 1.0
     """Passes over the training pairs, when --iters is not given."""
-    global_batch: int | None = 32
-    """Preference pairs per optimizer step."""
-    micro_batch: int = 4
-    """Pairs per forward/backward on one rank (each pair is two sequences)."""
-    lr: float | None = 5e-7
-    """Peak learning rate (DPO's usual 5e-7; small demo models need more)."""
-    optimizer: Literal["ademamix", "adamw"] = "adamw"
-    """AdamW (post-training default) or AdEMAMix."""
-    weight_decay: float = 0.0
-    """Decoupled weight decay (none by default: the reference already anchors the policy)."""
-    schedule: Literal["wsd", "cosine", "constant"] = "cosine"
-    """Learning-rate schedule (post-training default: cosine)."""
-    warmup_fraction: float = 0.1
-    """Fraction of the steps spent in linear warm-up."""
 
     def validate(self) -> None:
         if not self.out:
@@ -134,7 +133,7 @@ def preference_paths(items: Sequence[str]) -> list[Path]:
                                  "(records with prompt, chosen, rejected) or a famex data --demo-chat directory")
             paths.append(path / prefs)
         else:
-            paths.extend(expand_chat_inputs([item]))
+            paths.extend(expand_inputs([item], "chat"))
     return paths
 
 
@@ -248,19 +247,19 @@ class DpoTask:
 def validate_pairs(model, pairs: list[EncodedPair], ref: torch.Tensor, beta: float, pad_id: int, rank: int = 0,
                    world: int = 1, max_pairs: int = 0, micro_batch: int = 4) -> dict[str, float]:
     """Mean DPO loss, reward accuracy, reward margin and chosen NLL over held-out pairs (all ranks)."""
-    from famex.distill.trainer import Dist, all_reduce_sum
+    from famex.distill.trainer import Dist, all_reduce_sum, rank_batches
 
     n = len(pairs) if not max_pairs else min(max_pairs, len(pairs))
-    mine = list(range(rank, n, world))
     device = next(model.parameters()).device
     sums = torch.zeros(7, dtype=torch.float64, device=device)
-    for i in range(0, len(mine), micro_batch):
-        idx = mine[i: i + micro_batch]
+    for idx, counted in rank_batches(n, rank, world, micro_batch):
         batch = {k: v.to(device) for k, v in pair_batch([pairs[j] for j in idx], pad_id, ref[idx]).items()}
         logps, counts = answer_logps(model, batch)
         P = len(idx)
         r = batch["ref_logps"].to(logps.dtype)
         out = dpo_loss(logps[:P], logps[P:], r[:, 0], r[:, 1], beta)
+        if not counted:
+            continue
         sums += torch.stack([
             out.losses.sum().double(), (out.margins > 0).sum().double(), out.margins.sum().double(),
             out.chosen_rewards.sum().double(), out.rejected_rewards.sum().double(),
@@ -374,7 +373,7 @@ def dpo(cfg: DpoConfig) -> Path:
         done = flag[0]
     if done:
         return out
-    with stage_on_ranks(stage, d):
+    with stage_on_ranks(stage, d) as finish:
         ordered = train_pairs + val_pairs
         if d.main:
             ref = cached_reference(out, cfg.ref or cfg.model, ordered, pad_id, cfg.micro_batch, d.device)
@@ -400,7 +399,7 @@ def dpo(cfg: DpoConfig) -> Path:
             metrics = dict(result.metrics)
             metrics.update(pairs_train=len(train_pairs), pairs_val=len(val_pairs), pairs_truncated=counts["truncated"],
                            pairs_dropped=counts["dropped"], beta=cfg.beta)
-            stage.finish(metrics)
+            finish(metrics)
     return out
 
 

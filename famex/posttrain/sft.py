@@ -27,45 +27,37 @@ import argparse
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
-from famex.config import add_config_arguments, resolve_config
+from famex.config import add_config_arguments, compose, resolve_config
 from famex.data.packing import PackedChunks
 from famex.distill.train import DistillTask, open_store
-from famex.distill.trainer import TRAIN_IDENTITY_EXCLUDE, TrainConfig, setup_distributed, stage_on_ranks, train
+from famex.distill.trainer import setup_distributed, stage_on_ranks, train
 from famex.errors import FamexError
 from famex.stage import Stage, read_meta, require_complete
+from famex.train_options import TRAIN_IDENTITY_EXCLUDE, DistillOptions, TrainOptions
 from famex.utils import log
 
 
 @dataclass
-class SftConfig(TrainConfig):
+@compose(TrainOptions, optimizer="adamw", schedule="cosine", warmup_fraction=0.03, global_batch=64, notes={
+    "lr": "default: the distill run's post-annealing LR, lr × min_lr_ratio, or a tenth of its peak LR when that is 0",
+    "iters": "default: --epochs passes over the train split",
+})
+@compose(DistillOptions, notes={
+    "logits": "optional: an instruct teacher's store over this chat data adds the KL term; '' or 'none' = CE alone",
+    "kl_weight": "with --logits", "temperature": "with --logits", "tail": "with --logits",
+})
+class SftConfig:
+    out: str = ""
+    """Output directory: the fine-tuned Hugging Face model, checkpoints/, log.jsonl, meta.json, metrics.json."""
+    seed: int = 0
+    """Seed of the chunk order when no logit store fixes it."""
     model: str = ""
     """The model to fine-tune: a model directory (a distilled student, or any causal LM with the data's tokenizer)."""
     data: str = ""
     """A chat data directory (famex data --chat or --demo-chat): the train split is trained on, the val split validates."""
-    logits: str = ""
-    """Optional: an instruct teacher's famex logits store over the data's train split, adding the KL term ('' or 'none' = CE only)."""
-    val_logits: str = ""
-    """Optional store over the val split: validation then also reports KL to the teacher."""
-    kl_weight: float = 0.9
-    """With --logits: weight of the KL term; the CE term gets 1 − kl_weight."""
-    temperature: float = 1.0
-    """Distillation temperature (with --logits)."""
-    tail: Literal["renormalize", "bucket"] = "renormalize"
-    """Teacher mass outside the top-k (with --logits): renormalize the top-k, or keep it as one extra bucket."""
     epochs: float = 1.0
     """Passes over the train split, when --iters is not given."""
-    global_batch: int | None = 64
-    """Sequences (chunks of the data's seq_len) per optimizer step."""
-    lr: float | None = None
-    """Peak learning rate (default: the distill run's post-annealing LR, lr × min_lr_ratio, or a tenth of its peak LR when that is 0)."""
-    optimizer: Literal["ademamix", "adamw"] = "adamw"
-    """AdamW (post-training default) or AdEMAMix."""
-    schedule: Literal["wsd", "cosine", "constant"] = "cosine"
-    """Learning-rate schedule (post-training default: cosine)."""
-    warmup_fraction: float = 0.03
-    """Fraction of the steps spent in linear warm-up."""
 
     def validate(self) -> None:
         if not self.out:
@@ -162,7 +154,7 @@ def sft(cfg: SftConfig) -> Path:
         done = flag[0]
     if done:
         return out
-    with stage_on_ranks(stage, d):
+    with stage_on_ranks(stage, d) as finish:
         if d.main:
             log(f"famex sft: {iters} steps of {global_batch} × {chunks.seq_len} tokens at lr {lr:g} ({lr_source})")
         model = build_student(cfg.model, chunks.vocab_size)
@@ -175,7 +167,7 @@ def sft(cfg: SftConfig) -> Path:
             metrics = dict(result.metrics)
             metrics["objective"] = "sft+kd" if store is not None else "sft"
             metrics["assistant_tokens_train"] = _assistant_tokens(cfg.data)
-            stage.finish(metrics)
+            finish(metrics)
     return out
 
 

@@ -9,7 +9,8 @@ Layout (written atomically: built under a temporary name, renamed when complete)
 - ``quantization.json``: ``format`` (the `QuantFormat` dict), ``format_name``, ``method``,
   ``norm_fusion``, ``modules`` (quantized module names), ``activation_scheme`` and
   ``activation_modules`` (whose inputs the runtime quantizes), ``tied`` (lm_head → embedding when
-  they share one quantized tensor), plus the method's figures (calibration tokens, options, time).
+  they share one quantized tensor), plus the method's figures (calibration tokens, options, time),
+  ``qparams_sha256`` and a ``digest`` of its own fields (`famex.integrity`), both checked on load.
 - ``qparams.safetensors``: per module ``<name>.codes`` (unpacked: int8 / uint8 / float8_e4m3fn /
   E2M1 nibbles), ``<name>.scale`` (storage dtype), ``<name>.bias`` (affine int),
   ``<name>.global_scale`` and ``<name>.input_global_scale`` (NVFP4) — the exporter packs these as
@@ -22,7 +23,6 @@ re-attaches activation fake-quant. This module does not export runtime formats.
 from __future__ import annotations
 
 import json
-
 import os
 from pathlib import Path
 from typing import Any
@@ -30,14 +30,15 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from famex import __version__
+from famex import __version__, integrity
 from famex.errors import FamexError
 from famex.quant.fake_quant import QParams, dequantize
 from famex.quant.formats import QuantFormat, parse_format
 from famex.quant.model import QUANT_MARKER, attach_activation_quant
-from famex.utils import atomic_dir, atomic_write_json, read_json
+from famex.utils import atomic_dir, atomic_write_json, sha256_file
 
-__all__ = ["save_quantized", "load_quantized", "load_qparams", "is_quantized", "QUANTIZATION_JSON", "QPARAMS_FILE"]
+__all__ = ["save_quantized", "load_quantized", "load_qparams", "read_info", "check_qparams", "is_quantized",
+           "QUANTIZATION_JSON", "QPARAMS_FILE"]
 
 QUANTIZATION_JSON = "quantization.json"
 QPARAMS_FILE = "qparams.safetensors"
@@ -99,7 +100,8 @@ def save_quantized(
             tokenizer.save_pretrained(tmp)
         save_file(tensors, str(tmp / QPARAMS_FILE), metadata={"famex": json.dumps({"format": fmt.name, "method": method}, sort_keys=True)})
         # (one key: safetensors writes a metadata map in no fixed order, and these files must be byte-reproducible)
-        atomic_write_json(tmp / QUANTIZATION_JSON, record)
+        record["qparams_sha256"] = sha256_file(tmp / QPARAMS_FILE)
+        atomic_write_json(tmp / QUANTIZATION_JSON, integrity.with_digest(record))
     return out_dir
 
 
@@ -108,6 +110,7 @@ def load_qparams(path: str | os.PathLike) -> dict[str, QParams]:
     path = Path(path)
     if not is_quantized(path):
         raise FamexError(f"{path} is not a quantized model directory (no {QUANTIZATION_JSON} / {QPARAMS_FILE}); run famex quantize first")
+    check_qparams(path, read_info(path))
     flat = load_file(str(path / QPARAMS_FILE))
     fields: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in flat.items():
@@ -129,7 +132,7 @@ def load_quantized(path: str | os.PathLike, verify: bool = True) -> tuple[torch.
 
     path = Path(path)
     qparams = load_qparams(path)
-    info = read_json(path / QUANTIZATION_JSON)
+    info = read_info(path)
     fmt = QuantFormat.from_dict(info["format"])
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
     model.eval()
@@ -140,6 +143,19 @@ def load_quantized(path: str | os.PathLike, verify: bool = True) -> tuple[torch.
         _check_on_grid(model, fmt, qparams, str(path))
     attach_activation_quant(model, fmt, qparams, info.get("activation_modules", []))
     return model, {**info, "format": fmt}
+
+
+def read_info(path: str | os.PathLike) -> dict[str, Any]:
+    """The quantization.json record of a quantized-model directory, checked against its digest."""
+    return integrity.read_json_checked(Path(path) / QUANTIZATION_JSON, "quantize the model again")
+
+
+def check_qparams(path: str | os.PathLike, info: dict[str, Any]) -> None:
+    """Refuse a qparams.safetensors whose sha256 is not the one ``info`` (quantization.json) records."""
+    recorded = info.get("qparams_sha256")  # None: written before famex recorded it
+    if recorded is not None and sha256_file(Path(path) / QPARAMS_FILE) != recorded:
+        raise FamexError(f"{Path(path) / QPARAMS_FILE}: sha256 differs from {QUANTIZATION_JSON}'s field qparams_sha256 — "
+                         "the file is corrupt; quantize again")
 
 
 def _has_module(model: torch.nn.Module, name: str) -> bool:

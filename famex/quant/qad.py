@@ -25,17 +25,16 @@ How it is wired, and why:
   its no-weight-decay group with the norms, and are rounded to their storage dtype in every forward
   (straight through), so the snapped model uses exactly the scales it trained with.
 
-What this module does not do: parse options or write stage directories (`famex.quant.stage`),
-compute RTN / GPTQ (`famex.quant.model`), or train (`famex.distill.trainer`).
+What this module does not do: parse options or write stage directories (`famex.quant.stage` runs
+the QAD stage with these pieces), compute RTN / GPTQ (`famex.quant.model`), or train
+(`famex.distill.trainer`).
 """
 
 from __future__ import annotations
 
 import functools
-import math
 import weakref
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -71,12 +70,9 @@ from famex.quant.model import (
 )
 from famex.quant.norm_fusion import fuse_norms
 
-if TYPE_CHECKING:
-    from famex.quant.stage import QuantizeConfig
-
 __all__ = [
     "STE_KINDS", "INITS", "FakeQuantWeight", "check_ste", "init_quantization", "placeholder_qparams", "attach_fake_quant",
-    "fake_quant_modules", "snap_to_grid", "run_qad",
+    "fake_quant_modules", "snap_to_grid",
 ]
 
 STE_KINDS = ("int", "fp8", "fp4")
@@ -304,88 +300,3 @@ def placeholder_qparams(model: nn.Module, fmt: QuantFormat) -> tuple[dict[str, Q
         qparams[name] = qp
     setattr(model.config, QUANT_MARKER, {"format": fmt.name, "method": "qad", "norm_fusion": False})
     return qparams, activation_modules(model, fmt, names)
-
-
-# --------------------------------------------------------------------------- the stage body
-
-
-def run_qad(cfg: "QuantizeConfig") -> Path:
-    """The ``famex quantize --method qad`` stage (single process or torchrun DDP); returns ``cfg.out``."""
-    import torch.distributed as dist
-
-    from famex.data.packing import PackedChunks
-    from famex.distill.train import DistillTask, open_store, validate_chunks
-    from famex.distill.trainer import TRAIN_IDENTITY_EXCLUDE, checkpoint_dirs, setup_distributed, stage_on_ranks, train
-    from famex.models import load_model
-    from famex.quant import stage as qs
-    from famex.stage import Stage, read_meta, require_complete
-
-    fmt = qs.resolve_format(cfg)
-    check_ste(fmt)
-    d = setup_distributed(cfg.device)
-    if d.world > 1 and cfg.parallel == "fsdp":
-        raise FamexError("QAD runs under DDP (--parallel ddp): the trainer's FSDP gather does not know the fake-quant "
-                         "parametrizations yet")
-    out = Path(cfg.out)
-    spec = qs.check_model(cfg.model)
-    qs.check_shapes(spec, fmt)
-    require_complete(cfg.data, "data", "data directory")
-    chunks = PackedChunks(cfg.data, "train")
-    val = PackedChunks(cfg.data, "val") if qs.has_split(chunks, "val") else None
-    tokenizer = qs.check_tokenizer(spec, chunks, store_dir=cfg.logits)
-    store = open_store(cfg.logits, chunks, "logit store")
-    val_store = open_store(cfg.val_logits, val, "validation logit store") if (cfg.val_logits and val) else None
-    global_batch, lr = qs.qad_batch_and_lr(cfg, spec)
-    iters = int(cfg.iters or max(1, math.ceil(cfg.tokens / (global_batch * chunks.seq_len))))
-
-    inputs = {"model": str(spec.path), "data": cfg.data, "logits": cfg.logits, "val_logits": cfg.val_logits or None}
-    stage = Stage(out, "quantize", cfg, inputs, identity_exclude=TRAIN_IDENTITY_EXCLUDE)
-    old = read_meta(out) or {}
-    extra = {"iters": iters, "lr": lr, "global_batch": global_batch}
-    if old.get("start"):
-        extra["start"] = old["start"]  # the RTN / GPTQ start's validation, measured once by the first attempt
-    done = stage.begin(extra=extra) if d.main else False
-    if d.world > 1:
-        flag = [done]
-        dist.broadcast_object_list(flag, src=0)
-        done = flag[0]
-    if done:
-        return out
-    with stage_on_ranks(stage, d):
-        model = load_model(spec)
-        if model.config.vocab_size != chunks.vocab_size:
-            raise FamexError(f"vocab size mismatch: model {cfg.model} has {model.config.vocab_size}, data {chunks.vocab_size} — "
-                             "the model must share the teacher's tokenizer")
-        if checkpoint_dirs(out):
-            # The checkpoint holds latent weights, norms and scales: shapes are all the start must supply.
-            qparams, act = placeholder_qparams(model, fmt)
-            calib_tokens = int((old.get("start") or {}).get("calib_tokens", 0))
-        else:
-            calib = qs.calibration_batches(chunks, cfg.calib_tokens, cfg.seed) if qs.needs_calibration(fmt, cfg.init) else None
-            start = init_quantization(model, fmt, cfg.init, calib, cfg.norm_fusion, **qs.gptq_options(cfg))
-            qparams, act, calib_tokens = start.qparams, start.activation_modules, start.calib_tokens
-        attach_fake_quant(model, fmt, qparams, act, cfg.learn_scales)
-        task = DistillTask(chunks, store, kl_weight=1.0, tail=cfg.tail, val_chunks=val, val_store=val_store)
-        if d.main and "start" not in stage.meta and not checkpoint_dirs(out):
-            start_val = {"calib_tokens": calib_tokens}
-            if val is not None:
-                start_val.update(validate_chunks(model, val, val_store, 0, 1, cfg.eval_chunks, tail=cfg.tail))
-            stage.update(start=start_val)
-        result = train(model, task, cfg, iters=iters, lr=lr, global_batch=global_batch, d=d,
-                       tokens_per_sequence=chunks.seq_len, save_model=lambda m, p: None)
-        if d.main:
-            final = result.model
-            qparams = snap_to_grid(final)
-            act_names = getattr(final, "famex_qad_activation_modules", [])
-            start_val = stage.meta.get("start", {})
-            info = {
-                "norm_fusion": cfg.norm_fusion, "activation_modules": act_names, "init": cfg.init,
-                "learn_scales": cfg.learn_scales, "tokens": result.metrics.get("tokens"), "steps": iters,
-                "calib_tokens": int(start_val.get("calib_tokens", 0)), "teacher_logits": cfg.logits,
-            }
-            qs.write_quantized(out, final, tokenizer, fmt, qparams, "qad", info)
-            metrics = dict(result.metrics)
-            metrics.update({f"start_val_{k}": v for k, v in start_val.items() if k in ("ce", "kl")})
-            metrics.update(qs.size_metrics(final, fmt, qparams))
-            stage.finish(metrics)
-    return out

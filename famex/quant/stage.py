@@ -23,6 +23,7 @@ or export.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import shutil
 from dataclasses import dataclass
@@ -31,10 +32,10 @@ from typing import Any, Literal
 
 import torch
 
-from famex.config import add_config_arguments, resolve_config
-from famex.distill.trainer import TRAIN_IDENTITY_EXCLUDE, TrainConfig
+from famex.config import add_config_arguments, compose, resolve_config
 from famex.errors import FamexError
 from famex.quant.formats import QuantFormat, parse_format
+from famex.train_options import TRAIN_IDENTITY_EXCLUDE, TrainOptions
 from famex.utils import log
 
 METHODS = ("rtn", "gptq", "qad")
@@ -44,9 +45,16 @@ CALIBRATION_ROWS = 4
 """Chunks per calibration forward (memory only: GPTQ sums its Hessians over all of them)."""
 
 
+# The paper's QAD optimizer: AdamW with a cosine schedule.
 @dataclass
-class QuantizeConfig(TrainConfig):
-    """`famex quantize` options; the training options (inherited) apply to ``--method qad`` only."""
+@compose(TrainOptions, help_prefix="qad: ", optimizer="adamw", schedule="cosine", weight_decay=0.0, notes={
+    "weight_decay": "decay would pull latent weights off the grid the start chose",
+    "lr": "default: a tenth of the peak LR the model was trained with, from its meta.json",
+    "global_batch": "default: the global batch the model was trained with, from its meta.json",
+    "iters": "default: --tokens / (global batch × sequence length)",
+})
+class QuantizeConfig:
+    """`famex quantize` options; the training options (composed `TrainOptions`) apply to ``--method qad`` only."""
 
     model: str = ""
     """The model to quantize: a model directory (famex distill / sft / dpo / average output), a .gguf file or 'default'."""
@@ -84,21 +92,8 @@ class QuantizeConfig(TrainConfig):
     """qad: train the scales (and MLX biases) too, with the LSQ gradient, instead of keeping the start's."""
     out: str = ""
     """Output directory: the quantized model (config.json, model.safetensors, quantization.json, qparams.safetensors), meta.json, metrics.json; qad adds checkpoints/ and log.jsonl."""
-    iters: int | None = None
-    """qad: optimizer steps (default: --tokens / (global batch × sequence length))."""
     seed: int = 0
     """Seed of the calibration sample (which chunks calibrate GPTQ and NVFP4 activation scales)."""
-    # The paper's QAD optimizer: AdamW with a cosine schedule.
-    optimizer: Literal["ademamix", "adamw"] = "adamw"
-    """qad: AdamW (the paper's QAD optimizer) or AdEMAMix."""
-    schedule: Literal["wsd", "cosine", "constant"] = "cosine"
-    """qad: learning-rate schedule (the paper's QAD: cosine)."""
-    weight_decay: float = 0.0
-    """qad: decoupled weight decay (0: decay would pull latent weights off the grid the start chose)."""
-    lr: float | None = None
-    """qad: peak learning rate (default: a tenth of the peak LR the model was trained with, from its meta.json)."""
-    global_batch: int | None = None
-    """qad: sequences per step (default: the global batch the model was trained with, from its meta.json)."""
 
     def validate(self) -> None:
         if not self.out:
@@ -234,8 +229,6 @@ def calibration_batches(chunks, tokens: int, seed: int = 0, rows: int = CALIBRAT
     Each batch holds ``input_ids``, restarted ``position_ids`` and the block-diagonal causal
     ``attention_mask`` of packed documents (what `quantize_model` takes).
     """
-    import math
-
     from famex.data.packing import chunk_permutation, collate, model_inputs
 
     n = min(len(chunks), max(1, math.ceil(tokens / chunks.seq_len)))
@@ -302,9 +295,7 @@ def size_metrics(model, fmt: QuantFormat, qparams) -> dict[str, Any]:
 def quantize_stage(cfg: QuantizeConfig) -> Path:
     """Run the `famex quantize` stage; returns the output directory."""
     if cfg.method == "qad":
-        from famex.quant.qad import run_qad
-
-        return run_qad(cfg)
+        return _quantize_qad(cfg)
     return _quantize_ptq(cfg)
 
 
@@ -351,6 +342,91 @@ def _quantize_ptq(cfg: QuantizeConfig) -> Path:
     except BaseException as e:
         stage.fail(e)
         raise
+    return out
+
+
+# --------------------------------------------------------------------------- QAD
+
+
+def _quantize_qad(cfg: QuantizeConfig) -> Path:
+    """The ``famex quantize --method qad`` stage (single process or torchrun DDP); returns ``cfg.out``."""
+    import torch.distributed as dist
+
+    from famex.data.packing import PackedChunks
+    from famex.distill.train import DistillTask, open_store, validate_chunks
+    from famex.distill.trainer import checkpoint_dirs, setup_distributed, stage_on_ranks, train
+    from famex.models import load_model
+    from famex.quant.qad import attach_fake_quant, check_ste, init_quantization, placeholder_qparams, snap_to_grid
+    from famex.stage import Stage, read_meta, require_complete
+
+    fmt = resolve_format(cfg)
+    check_ste(fmt)
+    d = setup_distributed(cfg.device)
+    if d.world > 1 and cfg.parallel == "fsdp":
+        raise FamexError("QAD runs under DDP (--parallel ddp): the trainer's FSDP gather does not know the fake-quant "
+                         "parametrizations yet")
+    out = Path(cfg.out)
+    spec = check_model(cfg.model)
+    check_shapes(spec, fmt)
+    require_complete(cfg.data, "data", "data directory")
+    chunks = PackedChunks(cfg.data, "train")
+    val = PackedChunks(cfg.data, "val") if has_split(chunks, "val") else None
+    tokenizer = check_tokenizer(spec, chunks, store_dir=cfg.logits)
+    store = open_store(cfg.logits, chunks, "logit store")
+    val_store = open_store(cfg.val_logits, val, "validation logit store") if (cfg.val_logits and val) else None
+    global_batch, lr = qad_batch_and_lr(cfg, spec)
+    iters = int(cfg.iters or max(1, math.ceil(cfg.tokens / (global_batch * chunks.seq_len))))
+
+    inputs = {"model": str(spec.path), "data": cfg.data, "logits": cfg.logits, "val_logits": cfg.val_logits or None}
+    stage = Stage(out, "quantize", cfg, inputs, identity_exclude=TRAIN_IDENTITY_EXCLUDE)
+    old = read_meta(out) or {}
+    extra = {"iters": iters, "lr": lr, "global_batch": global_batch}
+    if old.get("start"):
+        extra["start"] = old["start"]  # the RTN / GPTQ start's validation, measured once by the first attempt
+    done = stage.begin(extra=extra) if d.main else False
+    if d.world > 1:
+        flag = [done]
+        dist.broadcast_object_list(flag, src=0)
+        done = flag[0]
+    if done:
+        return out
+    with stage_on_ranks(stage, d) as finish:
+        model = load_model(spec)
+        if model.config.vocab_size != chunks.vocab_size:
+            raise FamexError(f"vocab size mismatch: model {cfg.model} has {model.config.vocab_size}, data {chunks.vocab_size} — "
+                             "the model must share the teacher's tokenizer")
+        if checkpoint_dirs(out):
+            # The checkpoint holds latent weights, norms and scales: shapes are all the start must supply.
+            qparams, act = placeholder_qparams(model, fmt)
+            calib_tokens = int((old.get("start") or {}).get("calib_tokens", 0))
+        else:
+            calib = calibration_batches(chunks, cfg.calib_tokens, cfg.seed) if needs_calibration(fmt, cfg.init) else None
+            start = init_quantization(model, fmt, cfg.init, calib, cfg.norm_fusion, **gptq_options(cfg))
+            qparams, act, calib_tokens = start.qparams, start.activation_modules, start.calib_tokens
+        attach_fake_quant(model, fmt, qparams, act, cfg.learn_scales)
+        task = DistillTask(chunks, store, kl_weight=1.0, tail=cfg.tail, val_chunks=val, val_store=val_store)
+        if d.main and "start" not in stage.meta and not checkpoint_dirs(out):
+            start_val = {"calib_tokens": calib_tokens}
+            if val is not None:
+                start_val.update(validate_chunks(model, val, val_store, 0, 1, cfg.eval_chunks, tail=cfg.tail))
+            stage.update(start=start_val)
+        result = train(model, task, cfg, iters=iters, lr=lr, global_batch=global_batch, d=d,
+                       tokens_per_sequence=chunks.seq_len, save_model=lambda m, p: None)
+        if d.main:
+            final = result.model
+            qparams = snap_to_grid(final)
+            act_names = getattr(final, "famex_qad_activation_modules", [])
+            start_val = stage.meta.get("start", {})
+            info = {
+                "norm_fusion": cfg.norm_fusion, "activation_modules": act_names, "init": cfg.init,
+                "learn_scales": cfg.learn_scales, "tokens": result.metrics.get("tokens"), "steps": iters,
+                "calib_tokens": int(start_val.get("calib_tokens", 0)), "teacher_logits": cfg.logits,
+            }
+            write_quantized(out, final, tokenizer, fmt, qparams, "qad", info)
+            metrics = dict(result.metrics)
+            metrics.update({f"start_val_{k}": v for k, v in start_val.items() if k in ("ce", "kl")})
+            metrics.update(size_metrics(final, fmt, qparams))
+            finish(metrics)
     return out
 
 

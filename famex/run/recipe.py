@@ -304,7 +304,7 @@ def _check_vocab(students: list[dict[str, Any]], chat: dict[str, Any], teacher: 
     paper's recipe, is not): the data's tokenizer must fit the teacher's vocabulary, and students
     given as model directories and the chat teacher must have exactly the teacher's.
     """
-    from famex.eval.costcli import model_info_cached
+    from famex.eval.costdoc import model_info_cached
 
     def here(path: str) -> bool:
         return path == "default" or Path(path).exists()
@@ -547,11 +547,11 @@ def main(args: argparse.Namespace) -> int:
     nodes = select(recipe.nodes, args.only, args.start)
     if args.dry_run:
         print_plan(recipe, nodes)
-        from famex.eval.costcli import cost_document, format_document
+        from famex.eval.costdoc import format_document, recipe_cost
 
         print()
         try:
-            print(format_document(cost_document(recipe)))
+            print(format_document(recipe_cost(recipe)))
         except FamexError as e:  # the plan stands; only its costs need what is missing
             print(f"No cost table: {e}")
         return 0

@@ -3,7 +3,7 @@
 A store directory holds::
 
     manifest.json        what was stored and how (teacher, tokenizer, data, encoding, k, T, seq_len,
-                         permutation, shard list with sha256 checksums)
+                         permutation, shard list with sha256 checksums), and a digest of its own fields
     permutation.bin      uint64 LE: the data chunk index at each store position
     shard-NNNNN.fxl      ~131,072 tokens each: a self-describing header, then one record per chunk
 
@@ -14,7 +14,9 @@ the top-k ids, probabilities and left-out mass (see `famex.teacher.codec`). docs
 gives the layout byte by byte.
 
 Every byte of a shard is covered by a checksum that the reader checks before using it: the header
-by its own sha256, the id table and each chunk record by sha256s listed in the header. Shards are
+by its own sha256, the id table and each chunk record by sha256s listed in the header. The
+manifest carries a ``digest`` of its fields (`famex.integrity`), checked when the store is opened,
+and every shard header is cross-checked against it (params, positions, token hash, stats). Shards are
 written whole through a temporary file and a rename, so a shard that exists is a finished one.
 
 What this module does not do: run the teacher (`famex.teacher.generate` does) or decide which
@@ -39,9 +41,10 @@ import numpy as np
 import torch
 import zstandard
 
+from famex import integrity
 from famex.errors import FamexError
 from famex.teacher import codec
-from famex.utils import atomic_write_bytes, atomic_write_json, read_json, sha256_file
+from famex.utils import FileArray, atomic_write_bytes, atomic_write_json, read_json, sha256_file
 
 MAGIC = b"FAMEXLGT"
 #: 2: compact with adaptive k (per-token kept counts, padding on decode). 1 (fixed k) is refused.
@@ -55,6 +58,8 @@ _PREFIX = struct.Struct("<8sII32s")  # magic, format version, header length, sha
 KL_SAMPLE_CHUNKS = 4
 #: Keys every manifest has (generate.py adds teacher, tokenizer and data identity to them).
 REQUIRED_PARAMS = ("encoding", "k", "vocab_size", "seq_len")
+#: Header fields that must equal the manifest's where the manifest has them.
+_SHARED_PARAMS = (*REQUIRED_PARAMS, "format_version", "store_id", "kl_target", "drop_below")
 
 
 @dataclass
@@ -295,6 +300,7 @@ def write_manifest(
         "permutation": write_permutation(store_dir, permutation),
         "shards": shards,
     }
+    manifest = integrity.with_digest(manifest)
     atomic_write_json(Path(store_dir) / MANIFEST, manifest)
     return manifest
 
@@ -381,10 +387,7 @@ class LogitStore:
         mpath = self.dir / MANIFEST
         if not mpath.is_file():
             raise FamexError(f"{self.dir} is not a finished logit store (no {MANIFEST}) — run `famex logits` (again) to finish it")
-        try:
-            self.manifest = read_json(mpath)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise FamexError(f"{mpath} is not valid JSON ({e}) — the store is damaged; regenerate it") from None
+        self.manifest = integrity.read_json_checked(mpath, "the store is damaged; regenerate it with `famex logits`")
         if self.manifest.get("format") != "famex-logit-store":
             raise FamexError(f"{mpath} is not a famex logit store manifest")
         if self.manifest.get("format_version") != FORMAT_VERSION:
@@ -408,10 +411,13 @@ class LogitStore:
         path = self.dir / info["file"]
         if not path.is_file():
             raise FamexError(f"{path} is missing — the store is incomplete; rerun `famex logits`")
-        data = path.read_bytes()
-        if hashlib.sha256(data).hexdigest() != info["sha256"]:
+        # Hashed in pieces and read per position (8 bytes × 415M chunks at 1.7T tokens: never in memory).
+        if sha256_file(path) != info["sha256"]:
             raise FamexError(f"{path}: checksum mismatch — the store's permutation is corrupt; regenerate the store")
-        return np.frombuffer(data, dtype="<u8").astype(np.int64)
+        arr = FileArray(path, "<u8", path.stat().st_size // 8)
+        if len(arr) != int(self.manifest["chunks"]):
+            raise FamexError(f"{path}: {len(arr)} entries for {self.manifest['chunks']} chunks — the store is damaged; regenerate it")
+        return arr
 
     def __len__(self) -> int:
         return int(self.manifest["chunks"])
@@ -529,11 +535,13 @@ class LogitStore:
     def _check_header(self, si: int, shard: _Shard) -> None:
         entry = self.manifest["shards"][si]
         h = shard.header
-        for key in (*REQUIRED_PARAMS, "store_id"):
-            if h.get(key) != self.manifest.get(key):
+        for key in _SHARED_PARAMS:
+            if (key in REQUIRED_PARAMS or key in self.manifest) and h.get(key) != self.manifest.get(key):
                 raise FamexError(f"{shard.path}: {key} {h.get(key)!r} differs from the manifest's {self.manifest.get(key)!r} — the shard belongs to another store")
-        if h["positions"] != entry["positions"] or h["token_ids_sha256"] != entry["token_ids_sha256"]:
-            raise FamexError(f"{shard.path}: holds other chunks than the manifest lists — the shard belongs to another store")
+        for key in ("positions", "token_ids_sha256", "stats"):
+            if key in entry and integrity.canonical(h.get(key)) != integrity.canonical(entry[key]):  # NaN == NaN here
+                raise FamexError(f"{shard.path}: header field {key} differs from the manifest's entry for {entry.get('file')} — "
+                                 f"the shard belongs to another store or the manifest is damaged; regenerate the store")
 
     def _decode(self, shard: _Shard, position: int, rec: dict, data) -> StoreChunk:
         data = bytes(data)
@@ -542,7 +550,7 @@ class LogitStore:
                 f"{shard.path}: chunk at store position {position} fails its checksum — the shard is corrupt; "
                 f"delete it and rerun `famex logits` to rewrite it"
             )
-        if rec["data_index"] != self.permutation[position]:
+        if rec["data_index"] != int(self.permutation[position]):
             raise FamexError(f"{shard.path}: chunk at position {position} is data chunk {rec['data_index']}, the permutation says {self.permutation[position]}")
         n = rec["tokens_bytes"]
         try:
