@@ -42,6 +42,8 @@ CHECKSUMS = "checksums.json"
 #: `famex.data.packing.TokenSplit` hashes a token, lengths or mask shard the first time it opens it, the
 #: trainer checks a checkpoint's checksums.json when it resumes from it.
 SELF_CHECKED = ("shard-*.fxl", "*/tokens-*.npy", "*/docs-*.npy", "*/mask-*.npy", "checkpoints/*")
+#: Hidden names that are real output, not temporary files: torch.distributed.checkpoint's index.
+HIDDEN_FILES = (".metadata",)
 # Files that matched their recorded sha256 in this process, by (path, size, mtime_ns, sha256): a
 # memo of work done, never a reason to accept a file that changed since.
 _PASSED: set[tuple[str, int, int, str]] = set()
@@ -99,7 +101,7 @@ def read_json_checked(path: str | os.PathLike, fix: str) -> Any:
 
 
 def _listed(root: Path, skip: Iterable[str]) -> list[Path]:
-    """Regular files under ``root``, sorted; hidden names (temporary files) and nested stage
+    """Regular files under ``root``, sorted; hidden names (temporary files, but `HIDDEN_FILES`) and nested stage
     directories (their own meta.json lists their files) left out."""
     skip = set(skip)
     found = []
@@ -109,7 +111,7 @@ def _listed(root: Path, skip: Iterable[str]) -> list[Path]:
         for name in sorted(filenames):
             p = here / name
             rel = p.relative_to(root).as_posix()
-            if not name.startswith(".") and rel not in skip and p.is_file() and not p.is_symlink():
+            if (not name.startswith(".") or name in HIDDEN_FILES) and rel not in skip and p.is_file() and not p.is_symlink():
                 found.append(p)
     return found
 
@@ -164,21 +166,15 @@ def _unlisted(root: Path, records: dict, skip: Iterable[str]) -> list[str]:
     return [f"{p}: a file no checksum list names" for p in _listed(root, skip) if p.relative_to(root).as_posix() not in records]
 
 
-def write_checksums(root: str | os.PathLike, known: dict[str, dict[str, Any]] | None = None,
-                    hidden: Iterable[str] = ()) -> None:
+def write_checksums(root: str | os.PathLike, known: dict[str, dict[str, Any]] | None = None) -> None:
     """Write ``checksums.json`` (the file list of ``root``, with its digest) into ``root``.
 
     ``known``: records already made by whoever wrote those files (each rank hashes its own
-    checkpoint shards); the other files are hashed here. ``hidden``: hidden names to list as well
-    (DCP's ``.metadata``), which the directory walk leaves out as temporary files.
+    checkpoint shards); the other files are hashed here.
     """
     root = Path(root)
     known = dict(known or {})
     records = {**file_records(root, skip=(CHECKSUMS, *known)), **known}
-    for name in hidden:
-        p = root / name
-        if p.is_file() and name not in records:
-            records[name] = {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
     atomic_write_json(root / CHECKSUMS, with_digest({"files": dict(sorted(records.items()))}))
 
 

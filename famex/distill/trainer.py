@@ -328,7 +328,7 @@ def _save_checkpoint(module, opt, sched, cfg: TrainConfig, d: Dist, out: Path, s
             torch.save({"step": step, "scheduler": sched.state_dict(), "world": d.world, "parallel": cfg.parallel,
                         "format": "dcp"}, tmp / TRAINER_STATE)
             _unwrap(module).config.save_pretrained(tmp)
-            integrity.write_checksums(tmp, known={k: v for r in records for k, v in r.items()}, hidden=(".metadata",))
+            integrity.write_checksums(tmp, known={k: v for r in records for k, v in r.items()})
     if d.main:
         for _, old in checkpoint_dirs(out)[: -max(1, cfg.keep_last)]:
             shutil.rmtree(old, ignore_errors=True)
