@@ -96,12 +96,13 @@ def reference(tmp_path_factory, small_data, tiny_teacher):
     return out
 
 
-def test_topk_of_logits_matches_an_fp64_reference():
+@pytest.mark.parametrize("sync_free", [False, True])  # True: the CUDA path (no host syncs), run on CPU
+def test_topk_of_logits_matches_an_fp64_reference(sync_free):
     g = torch.Generator().manual_seed(0)
     logits = 4 * torch.randn(50, 300, generator=g)
     logits[:5, 7] += 60  # peaked rows: left-out mass ~1e-20, beyond fp32's 1 - sum
     for temperature in (1.0, 0.7):
-        ids, probs, mass = topk_of_logits(logits, 10, temperature, rows=16)
+        ids, probs, mass = topk_of_logits(logits, 10, temperature, rows=16, sync_free=sync_free)
         p = torch.softmax(logits.double() / temperature, -1)
         ref_p, ref_ids = p.sort(-1, descending=True)
         assert torch.equal(ids, ref_ids[:, :10])
