@@ -11,7 +11,7 @@ Prints, measured side by side in one process (steps of the variants alternate, s
   with the dense [B,1,T,T] mask — their ratio; peak memory of each;
 - teacher-logit generation (forward + fp32 softmax + top-k, `famex.teacher.generate.topk_of_logits`)
   tokens/s and its overhead over the bare forward (goal ≤ 5%);
-- GPTQ int4 wall time for the shape (the whole model on the device);
+- GPTQ int4 wall time for the shape (`famex quantize --device`: block by block on the device);
 - a QAD step (int4 fake-quant weights, straight-through) over a distill step.
 
 MFU counts 6 × (matmul parameters, lm_head included) + 6 × layers × T × hidden per token (causal
@@ -196,11 +196,12 @@ def main() -> None:
     from famex.data.packing import block_causal_mask
     from famex.quant.model import quantize_model
 
-    gmodel = AutoModelForCausalLM.from_config(copy.deepcopy(clean_config), attn_implementation="sdpa").to(device)
+    gmodel = AutoModelForCausalLM.from_config(copy.deepcopy(clean_config), attn_implementation="sdpa")  # on the CPU
     rows = max(1, args.calib_tokens // T)
     calib = [{"input_ids": batch["input_ids"][:1].repeat(rows, 1), "position_ids": batch["position_ids"][:1].repeat(rows, 1),
               "attention_mask": block_causal_mask(batch["segment_ids"][:1]).repeat(rows, 1, 1, 1)}]
-    out["gptq_int4_seconds"] = timed(lambda: quantize_model(gmodel, fmt, "gptq", calib), device)
+    # As `famex quantize --device` runs it: one decoder block at a time on the device.
+    out["gptq_int4_seconds"] = timed(lambda: quantize_model(gmodel, fmt, "gptq", calib, device=device), device)
 
     params = sum(p.numel() for p in model.parameters())
     print(f"famex GPU benchmark — {out['device']}, {args.preset} ({params / 1e6:.0f}M params, vocab {V}), "

@@ -333,8 +333,11 @@ def _quantize_ptq(cfg: QuantizeConfig) -> Path:
             raise FamexError(f"vocab size mismatch: model {cfg.model} has {model.config.vocab_size}, calibration data "
                              f"{chunks.vocab_size} — calibrate on data tokenized with the model's tokenizer")
         kw = gptq_options(cfg) if cfg.method == "gptq" else {}
+        from famex.models import resolve_device
+
+        # RTN / GPTQ: each decoder block on the device in turn (auto = CUDA when present), the model on the CPU.
         result = quantize_model(model, fmt, cfg.method, calib, norm_fusion=cfg.norm_fusion, embeddings=cfg.embeddings,
-                                lm_head=cfg.lm_head, **kw)
+                                lm_head=cfg.lm_head, device=resolve_device(cfg.device), **kw)
         write_quantized(out, model, tokenizer, fmt, result.qparams, cfg.method, result.info())
         metrics = {"seconds": result.seconds, "cpu_seconds": result.cpu_seconds, "calib_tokens": result.calib_tokens,
                    **size_metrics(model, fmt, result.qparams)}
