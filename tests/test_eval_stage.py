@@ -393,3 +393,16 @@ def test_default_gguf_teacher(tiny_data, tmp_path, teacher, monkeypatch):
     assert m["size_on_disk_bytes"] == default_teacher_path().stat().st_size
     ref, _ = per_document_loss(teacher[0], tiny_data, max_chunks=2)
     assert abs(m["val_loss"] - ref) < 1e-4
+
+
+def test_eval_refuses_a_missing_cuda_device_before_loading(tmp_path):
+    import torch
+
+    from famex.eval.stage import EvalConfig, evaluate
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    cfg = EvalConfig(model=str(tmp_path / "not-loaded"), out=str(tmp_path / "ev"), device="cuda", speed_iters=0)
+    cfg.validate()
+    with pytest.raises(FamexError, match="no CUDA device is available; use --device cpu"):
+        evaluate(cfg)

@@ -77,6 +77,8 @@ class EvalConfig:
     """Sequence length of the throughput measurement (capped at the model's context)."""
     speed_iters: int = 3
     """Timed forward passes for tokens_per_s (their median); 0 skips the measurement."""
+    device: str = "auto"
+    """Where the model runs (validation, few-shot, speed): auto = CUDA when present, cpu, cuda[:N]; MLX exports run in mlx."""
 
     def validate(self) -> None:
         if not self.model:
@@ -357,7 +359,10 @@ def evaluate(cfg: EvalConfig) -> Path:
     from famex.eval.fewshot import resolve_tasks
     from famex.eval.runtime import detect_kind
 
+    from famex.models import resolve_device
+
     cfg.validate()
+    resolve_device(cfg.device)  # a missing CUDA device fails before any loading
     tasks = resolve_tasks(cfg.tasks) if cfg.tasks else []  # bad names fail before any loading
     kind = detect_kind(cfg.model)
     reference = read_reference(cfg.reference) if cfg.reference else None
@@ -373,7 +378,7 @@ def evaluate(cfg: EvalConfig) -> Path:
     model_input = None if kind == "gguf" and cfg.model == "default" else cfg.model
     inputs = {"model": model_input, "data": cfg.data or None, "reference": cfg.reference or None,
               "tokenizer": cfg.tokenizer or None}
-    stage = Stage(cfg.out, "eval", cfg, inputs, identity_exclude=("batch_size", "speed_seq_len", "speed_iters"))
+    stage = Stage(cfg.out, "eval", cfg, inputs, identity_exclude=("batch_size", "speed_seq_len", "speed_iters", "device"))
     if stage.begin():
         return Path(cfg.out)
     try:
@@ -392,8 +397,13 @@ def _measure(cfg: EvalConfig, tasks: list[str], reference: dict[str, Any] | None
     from famex.eval.footprint import throughput
     from famex.eval.runtime import architecture_params, deployed_size, open_model
 
+    from famex.models import resolve_device
+
     t0 = time.perf_counter()
+    device = resolve_device(cfg.device)
     ev = open_model(cfg.model)
+    if ev.kind != "mlx":
+        ev.model.to(device)
     tokenizer = _load_tokenizer(ev, cfg.tokenizer) if tasks else None
     vocab = ev.config.get_text_config().vocab_size
     if tokenizer is not None and len(tokenizer) > vocab:
@@ -407,6 +417,7 @@ def _measure(cfg: EvalConfig, tasks: list[str], reference: dict[str, Any] | None
         "params": params,
         "flops_per_token": 2 * params,
         "flops_convention": FLOPS_CONVENTION,
+        "device": "mlx" if ev.kind == "mlx" else device.type,
         **{f"runtime/{k}": v for k, v in ev.runtime.items()},
     }
     if ev.quant is not None:
