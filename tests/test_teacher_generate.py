@@ -292,3 +292,28 @@ def test_cli_verify(tmp_path, reference, capsys):
     assert main(["logits", "verify", str(copy)]) == 2
     assert "shard-00001.fxl" in capsys.readouterr().err
     assert main(["logits", "check", str(copy)]) == 2
+
+
+def test_metrics_report_the_kl_of_a_bf16_teacher_against_fp32(tmp_path, small_data, tiny_teacher, reference):
+    """A bf16 teacher's store says how far its forward is from the fp32 one (slow reference: both
+    forwards of the first chunk in the store order, KL over the full vocabulary, here in the test)."""
+    from famex.data.packing import PackedChunks, model_inputs
+    from famex.models import load_model
+    from famex.teacher.store import LogitStore
+
+    out = generate(config(small_data, tiny_teacher, tmp_path / "bf16", dtype="bfloat16"))
+    metrics = json.loads((out / "metrics.json").read_text())
+    chunks = PackedChunks(small_data, "train")
+    chunk = chunks[LogitStore(out).data_index(0)]
+    batch = {k: v[None] for k, v in chunk.items()}
+    V = chunks.vocab_size
+    with torch.no_grad():
+        lo = load_model(tiny_teacher, dtype=torch.bfloat16)(**model_inputs(batch)).logits[0, :, :V].double()
+        hi = load_model(tiny_teacher)(**model_inputs(batch)).logits[0, :, :V].double()
+    p, q = torch.softmax(hi, -1), torch.softmax(lo, -1)
+    want = (p * (p.log() - q.log())).sum(-1)
+    assert metrics["kl_precision_dtype"] == "bfloat16" and metrics["kl_precision_positions"] == len(want)
+    assert metrics["kl_bf16_vs_fp32_mean"] == pytest.approx(float(want.mean()), rel=2e-2, abs=1e-7)
+    assert metrics["kl_bf16_vs_fp32_mean"] > 0
+    # an fp32 teacher (the CPU default): 0 by definition
+    assert json.loads((reference / "metrics.json").read_text())["kl_bf16_vs_fp32_mean"] == 0.0

@@ -246,6 +246,7 @@ def _generate(cfg: LogitsConfig, d: Dist) -> Path:
             all_entries = [e for g in gathered for e in g[0].values()]
             manifest = store.write_manifest(out, params, permutation, all_entries)
             metrics = _metrics(manifest, sum(g[1] for g in gathered), max(g[2] for g in gathered), sum(g[3] for g in gathered))
+            metrics.update(precision_kl(model, chunks, permutation, V=chunks.vocab_size, device=d.device))
             stage.finish(metrics, store_id=params["store_id"])
             log(
                 f"famex logits: {manifest['tokens']:,} tokens in {len(all_entries)} shards, "
@@ -388,6 +389,36 @@ def _run(model, chunks, permutation, plan, todo, params, cfg: LogitsConfig, d: D
         finally:
             bar.close()
     return entries
+
+
+def precision_kl(model, chunks, permutation, V: int, device: torch.device, n_chunks: int = 1) -> dict[str, Any]:
+    """KL(fp32 forward ‖ the store's forward) per position over the full vocabulary, on the first
+    ``n_chunks`` chunks of the store order: the error of a bf16 teacher that the store's own
+    ``kl_decoded_vs_exact`` (decoded vs that teacher's top-k) cannot see.
+
+    Runs the model once more in its own dtype, then converts it to fp32 in place (the generation is
+    over by then) and runs it again. With an fp32 teacher (the CPU default) the KL is 0 by definition
+    and nothing runs; on a resumed run whose shards all existed there is no model: None.
+    """
+    from famex.data.packing import collate, model_inputs
+
+    if model is None:
+        return {"kl_bf16_vs_fp32_mean": None, "kl_bf16_vs_fp32_p95": None, "kl_precision_note": "no shard generated in this run"}
+    dtype = next(model.parameters()).dtype
+    if dtype == torch.float32:
+        return {"kl_bf16_vs_fp32_mean": 0.0, "kl_bf16_vs_fp32_p95": 0.0, "kl_precision_note": "the teacher ran in float32"}
+    impl = getattr(model.config, "_attn_implementation", None) or "sdpa"
+    n = min(n_chunks, len(permutation))
+    batch = collate([chunks[int(i)] for i in permutation[np.arange(n)]])
+    inputs = {key: v.to(device) for key, v in model_inputs(batch, impl).items()}
+    with torch.inference_mode():
+        low = model(**inputs).logits[..., :V].float().reshape(-1, V)
+        model.float()
+        high = model(**inputs).logits[..., :V].float().reshape(-1, V)
+        lp_high, lp_low = torch.log_softmax(high, -1), torch.log_softmax(low, -1)
+        kl = (lp_high.exp() * (lp_high - lp_low)).sum(-1).clamp_min(0).double().cpu()
+    return {"kl_bf16_vs_fp32_mean": float(kl.mean()), "kl_bf16_vs_fp32_p95": float(kl.quantile(0.95)),
+            "kl_precision_positions": int(kl.numel()), "kl_precision_dtype": str(dtype).removeprefix("torch.")}
 
 
 def _metrics(manifest: dict[str, Any], generated_tokens: int, seconds: float, cpu_seconds: float) -> dict[str, Any]:
