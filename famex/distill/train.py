@@ -23,7 +23,7 @@ import torch
 from famex.config import add_config_arguments, compose, resolve_config
 from famex.data.packing import IGNORE_INDEX, ChunkOrder, PackedChunks, collate, model_inputs
 from famex.distill.losses import LossOut, distill_loss
-from famex.distill.trainer import setup_distributed, stage_on_ranks, train
+from famex.distill.trainer import begin_on_ranks, setup_distributed, stage_on_ranks, train
 from famex.errors import FamexError
 from famex.stage import Stage, require_complete, same_content
 from famex.train_options import TRAIN_IDENTITY_EXCLUDE, DistillOptions, TrainOptions
@@ -209,8 +209,6 @@ def resolve_schedule(cfg: DistillConfig, student: str) -> tuple[int, float, int]
 
 def distill(cfg: DistillConfig) -> Path:
     """Run the `famex distill` stage; returns the output (model) directory."""
-    import torch.distributed as dist
-
     from famex.models import build_student, save_model
 
     d = setup_distributed(cfg.device)
@@ -225,11 +223,7 @@ def distill(cfg: DistillConfig) -> Path:
     if Path(cfg.student).exists():
         inputs["student"] = cfg.student
     stage = Stage(out, "distill", cfg, inputs, identity_exclude=TRAIN_IDENTITY_EXCLUDE)
-    done = stage.begin(extra={"iters": iters, "lr": lr, "global_batch": global_batch}) if d.main else False
-    if d.world > 1:
-        flag = [done]
-        dist.broadcast_object_list(flag, src=0)
-        done = flag[0]
+    done = begin_on_ranks(stage, d, {"iters": iters, "lr": lr, "global_batch": global_batch})
     if done:
         return out
     with stage_on_ranks(stage, d) as finish:

@@ -31,7 +31,7 @@ from pathlib import Path
 from famex.config import add_config_arguments, compose, resolve_config
 from famex.data.packing import PackedChunks
 from famex.distill.train import DistillTask, open_store
-from famex.distill.trainer import setup_distributed, stage_on_ranks, train
+from famex.distill.trainer import begin_on_ranks, setup_distributed, stage_on_ranks, train
 from famex.errors import FamexError
 from famex.stage import Stage, read_meta, require_complete
 from famex.train_options import TRAIN_IDENTITY_EXCLUDE, DistillOptions, TrainOptions
@@ -122,8 +122,6 @@ def check_tokenizer(model_dir: str | Path, chunks: PackedChunks) -> None:
 
 def sft(cfg: SftConfig) -> Path:
     """Run the `famex sft` stage; returns the output (model) directory."""
-    import torch.distributed as dist
-
     from famex.models import build_student, save_model
 
     d = setup_distributed(cfg.device)
@@ -147,11 +145,7 @@ def sft(cfg: SftConfig) -> Path:
     inputs = {"model": cfg.model, "data": cfg.data, "logits": cfg.store, "val_logits": cfg.val_logits or None}
     stage = Stage(out, "sft", cfg, inputs, identity_exclude=TRAIN_IDENTITY_EXCLUDE)
     extra = {"iters": iters, "lr": lr, "lr_source": lr_source, "global_batch": global_batch}
-    done = stage.begin(extra=extra) if d.main else False
-    if d.world > 1:
-        flag = [done]
-        dist.broadcast_object_list(flag, src=0)
-        done = flag[0]
+    done = begin_on_ranks(stage, d, extra)
     if done:
         return out
     with stage_on_ranks(stage, d) as finish:

@@ -353,11 +353,9 @@ def _quantize_ptq(cfg: QuantizeConfig) -> Path:
 
 def _quantize_qad(cfg: QuantizeConfig) -> Path:
     """The ``famex quantize --method qad`` stage (single process or torchrun DDP); returns ``cfg.out``."""
-    import torch.distributed as dist
-
     from famex.data.packing import PackedChunks
     from famex.distill.train import DistillTask, open_store, validate_chunks
-    from famex.distill.trainer import checkpoint_dirs, setup_distributed, stage_on_ranks, train
+    from famex.distill.trainer import begin_on_ranks, checkpoint_dirs, setup_distributed, stage_on_ranks, train
     from famex.models import load_model
     from famex.quant.qad import attach_fake_quant, check_ste, init_quantization, placeholder_qparams, snap_to_grid
     from famex.stage import Stage, read_meta, require_complete
@@ -386,11 +384,7 @@ def _quantize_qad(cfg: QuantizeConfig) -> Path:
     extra = {"iters": iters, "lr": lr, "global_batch": global_batch}
     if old.get("start"):
         extra["start"] = old["start"]  # the RTN / GPTQ start's validation, measured once by the first attempt
-    done = stage.begin(extra=extra) if d.main else False
-    if d.world > 1:
-        flag = [done]
-        dist.broadcast_object_list(flag, src=0)
-        done = flag[0]
+    done = begin_on_ranks(stage, d, extra)
     if done:
         return out
     with stage_on_ranks(stage, d) as finish:
