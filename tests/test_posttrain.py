@@ -248,9 +248,19 @@ def test_dpo_raises_heldout_margin_and_caches_the_reference(tmp_path, chat_tok, 
     monkeypatch.setattr("famex.models.load_model", no_model)
     cached = dpo_mod.cached_reference(out, str(start), ordered, chat_tok.pad_token_id, 4, torch.device("cpu"))
     assert torch.equal(cached, load_file(str(out / "reference.safetensors"))["logps"])
+    # The reference is computed in the training forward's precision: a bf16 run does not reuse fp32 log-probs.
+    with pytest.raises(AssertionError, match="reference model was loaded"):
+        dpo_mod.cached_reference(out, str(start), ordered, chat_tok.pad_token_id, 4, torch.device("cpu"),
+                                 torch.autocast("cpu", dtype=torch.bfloat16))
     (out / "reference.safetensors").write_bytes(b"corrupt")
     with pytest.raises(AssertionError, match="reference model was loaded"):
         dpo_mod.cached_reference(out, str(start), ordered, chat_tok.pad_token_id, 4, torch.device("cpu"))
+    monkeypatch.undo()
+    bf16 = dpo_mod.cached_reference(tmp_path / "ref-bf16", str(start), ordered, chat_tok.pad_token_id, 4, torch.device("cpu"),
+                                    torch.autocast("cpu", dtype=torch.bfloat16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = dpo_mod.compute_reference(load_model(start), ordered, chat_tok.pad_token_id)
+    assert torch.allclose(bf16, want, atol=1e-3) and not torch.allclose(bf16, fresh, atol=1e-6)
 
 
 def test_dpo_refuses_bad_input(tmp_path, chat_tok):

@@ -508,7 +508,7 @@ def train(
     elif d.main and (out / LOG_FILE).exists():
         (out / LOG_FILE).unlink()
 
-    autocast = _autocast(cfg, d)
+    autocast = autocast_context(cfg, d)
     bar = progress(total=iters, initial=start, desc=f"training {out.name}", unit="step") if d.main else None
     last_val: dict[str, float] = {}
     t_last, tok_since, step_since = time.perf_counter(), 0, 0
@@ -652,9 +652,9 @@ def _clip(module: torch.nn.Module, max_norm: float) -> float:
     return float(norm)
 
 
-def _autocast(cfg: TrainConfig, d: Dist):
-    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and d.device.type == "cuda")
-    if use_bf16:
+def autocast_context(cfg: TrainConfig, d: Dist):
+    """The training forward's precision: bf16 autocast with ``--precision bf16`` or auto on CUDA, else fp32."""
+    if cfg.precision == "bf16" or (cfg.precision == "auto" and d.device.type == "cuda"):
         return torch.autocast(device_type=d.device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 

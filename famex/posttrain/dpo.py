@@ -42,7 +42,7 @@ from famex.config import add_config_arguments, compose, resolve_config
 from famex.data.chat import ChatEncoder, PreferencePair, json_key, read_preferences, truncate
 from famex.data.sources import expand_inputs
 from famex.distill.losses import LossOut
-from famex.distill.trainer import begin_on_ranks, setup_distributed, stage_on_ranks, train
+from famex.distill.trainer import autocast_context, begin_on_ranks, setup_distributed, stage_on_ranks, train
 from famex.errors import FamexError
 from famex.posttrain.losses import IGNORE_INDEX, dpo_loss, sequence_logps
 from famex.stage import Stage, content_hash, require_complete
@@ -308,11 +308,19 @@ def pairs_hash(pairs: Sequence[EncodedPair]) -> str:
 
 
 def cached_reference(out: Path, ref_spec: str, pairs: Sequence[EncodedPair], pad_id: int, micro_batch: int,
-                     device: torch.device) -> torch.Tensor:
-    """The reference log-probabilities of ``pairs``: read from ``out`` when present and verified, else computed and written."""
+                     device: torch.device, autocast=None) -> torch.Tensor:
+    """The reference log-probabilities of ``pairs``: read from ``out`` when present and verified, else computed and written.
+
+    ``autocast``: the training forward's precision context (`autocast_context`), so that the policy
+    and the reference are computed alike and the implicit reward starts at 0 (a bf16 policy against
+    an fp32 reference would start off by the rounding difference)."""
+    import contextlib
+
+    autocast = autocast if autocast is not None else contextlib.nullcontext()
+    precision = "bf16" if isinstance(autocast, torch.autocast) else "fp32"
     from safetensors.torch import load, save
 
-    key = sha256_bytes(f"{content_hash(ref_spec)}|{pairs_hash(pairs)}".encode())
+    key = sha256_bytes(f"{content_hash(ref_spec)}|{pairs_hash(pairs)}".encode() + (b"|bf16" if precision == "bf16" else b""))
     path, info_path = out / REFERENCE_FILE, out / REFERENCE_INFO
     if path.is_file() and info_path.is_file():
         info = read_json(info_path)
@@ -322,7 +330,8 @@ def cached_reference(out: Path, ref_spec: str, pairs: Sequence[EncodedPair], pad
     from famex.models import load_model
 
     model = load_model(ref_spec).to(device)
-    logps = compute_reference(model, pairs, pad_id, micro_batch)
+    with autocast:
+        logps = compute_reference(model, pairs, pad_id, micro_batch)
     del model
     blob = save({"logps": logps.contiguous()})
     atomic_write_bytes(path, blob)
@@ -372,11 +381,11 @@ def dpo(cfg: DpoConfig) -> Path:
     with stage_on_ranks(stage, d) as finish:
         ordered = train_pairs + val_pairs
         if d.main:
-            ref = cached_reference(out, cfg.ref or cfg.model, ordered, pad_id, cfg.micro_batch, d.device)
+            ref = cached_reference(out, cfg.ref or cfg.model, ordered, pad_id, cfg.micro_batch, d.device, autocast_context(cfg, d))
         if d.world > 1:
             dist.barrier()
         if not d.main:
-            ref = cached_reference(out, cfg.ref or cfg.model, ordered, pad_id, cfg.micro_batch, d.device)
+            ref = cached_reference(out, cfg.ref or cfg.model, ordered, pad_id, cfg.micro_batch, d.device, autocast_context(cfg, d))
         ref_train, ref_val = ref[: len(train_pairs)], ref[len(train_pairs):]
         if d.main:
             stage.update(reference=read_json(out / REFERENCE_INFO))
