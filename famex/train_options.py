@@ -70,6 +70,8 @@ class TrainOptions:
     """Under torchrun: replicate the model (DDP) or shard it with FSDP2 fully_shard."""
     device: str = "auto"
     """auto, cpu, cuda."""
+    attn: Literal["auto", "sdpa", "flex", "flash_attention_2"] = "auto"
+    """Attention kernel for packed documents: auto = flex (document block mask, no T×T mask) on CUDA, sdpa on CPU."""
     prefetch: int = 2
     """Optimizer steps whose micro-batches a background thread prepares ahead (0 = none)."""
 
@@ -93,4 +95,4 @@ class DistillOptions:
 
 # Options that change speed or bookkeeping, not the weights a run ends with.
 TRAIN_IDENTITY_EXCLUDE = ("save_every", "keep_last", "eval_every", "eval_chunks", "log_every", "prefetch",
-                          "device", "micro_batch", "loss_chunk_tokens")
+                          "device", "attn", "micro_batch", "loss_chunk_tokens")

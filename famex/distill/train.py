@@ -211,8 +211,9 @@ def distill(cfg: DistillConfig) -> Path:
     """Run the `famex distill` stage; returns the output (model) directory."""
     import torch.distributed as dist
 
-    from famex.models import build_student, save_model
+    from famex.models import build_student, resolve_attn, resolve_device, save_model
 
+    resolve_device(cfg.device)  # a clear error for --device cuda without CUDA
     d = setup_distributed(cfg.device)
     out = Path(cfg.out)
     require_complete(cfg.data, "data", "data directory")
@@ -237,7 +238,8 @@ def distill(cfg: DistillConfig) -> Path:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-        model = build_student(cfg.student, chunks.vocab_size, tokenizer, seed=cfg.seed)
+        model = build_student(cfg.student, chunks.vocab_size, tokenizer, seed=cfg.seed,
+                              attn_implementation=resolve_attn(cfg.attn, d.device, training=True))
         if model.config.vocab_size != chunks.vocab_size:
             raise FamexError(
                 f"vocab size mismatch: student {model.config.vocab_size}, data {chunks.vocab_size} — "

@@ -338,7 +338,7 @@ def dpo(cfg: DpoConfig) -> Path:
     import torch.distributed as dist
     from transformers import AutoTokenizer
 
-    from famex.models import load_model, save_model
+    from famex.models import load_model, resolve_attn, save_model
 
     d = setup_distributed(cfg.device)
     out = Path(cfg.out)
@@ -386,7 +386,7 @@ def dpo(cfg: DpoConfig) -> Path:
             stage.update(reference=read_json(out / REFERENCE_INFO))
             log(f"famex dpo: {len(train_pairs)} training pairs, {len(val_pairs)} held out; {iters} steps of {global_batch} "
                 f"pairs at lr {lr:g}, beta {cfg.beta:g}")
-        model = load_model(cfg.model)
+        model = load_model(cfg.model, attn_implementation=resolve_attn(cfg.attn, d.device, training=True))
         if model.config.vocab_size < len(tokenizer):
             raise FamexError(f"{cfg.model}: its tokenizer has {len(tokenizer)} tokens, the model only {model.config.vocab_size}")
         model.train()

@@ -124,8 +124,9 @@ def sft(cfg: SftConfig) -> Path:
     """Run the `famex sft` stage; returns the output (model) directory."""
     import torch.distributed as dist
 
-    from famex.models import build_student, save_model
+    from famex.models import build_student, resolve_attn, resolve_device, save_model
 
+    resolve_device(cfg.device)  # a clear error for --device cuda without CUDA
     d = setup_distributed(cfg.device)
     out = Path(cfg.out)
     require_complete(cfg.data, "data", "chat data directory")
@@ -157,7 +158,7 @@ def sft(cfg: SftConfig) -> Path:
     with stage_on_ranks(stage, d) as finish:
         if d.main:
             log(f"famex sft: {iters} steps of {global_batch} × {chunks.seq_len} tokens at lr {lr:g} ({lr_source})")
-        model = build_student(cfg.model, chunks.vocab_size)
+        model = build_student(cfg.model, chunks.vocab_size, attn_implementation=resolve_attn(cfg.attn, d.device, training=True))
         task = DistillTask(chunks, store, seed=cfg.seed, kl_weight=cfg.kl_weight if store is not None else 0.0,
                            temperature=cfg.temperature, tail=cfg.tail, val_chunks=val, val_store=val_store)
         result = train(model, task, cfg, iters=iters, lr=lr, global_batch=global_batch, d=d,

@@ -391,7 +391,9 @@ def _quantize_qad(cfg: QuantizeConfig) -> Path:
     if done:
         return out
     with stage_on_ranks(stage, d) as finish:
-        model = load_model(spec)
+        from famex.models import resolve_attn
+
+        model = load_model(spec, attn_implementation=resolve_attn(cfg.attn, d.device, training=True))
         if model.config.vocab_size != chunks.vocab_size:
             raise FamexError(f"vocab size mismatch: model {cfg.model} has {model.config.vocab_size}, data {chunks.vocab_size} — "
                              "the model must share the teacher's tokenizer")

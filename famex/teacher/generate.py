@@ -73,6 +73,8 @@ class LogitsConfig:
     """Encoder threads (top-k encoding and compression overlap the teacher forward)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where the teacher runs; auto = CUDA when available (one GPU per rank under torchrun)."""
+    attn: Literal["auto", "sdpa", "flex", "flash_attention_2"] = "auto"
+    """Attention kernel for packed documents: auto = flex (document block mask, no T×T mask) on CUDA, sdpa on CPU."""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """Teacher weights and activations; auto = bfloat16 on CUDA, float32 on CPU. Softmax is fp32."""
 
@@ -99,7 +101,7 @@ class LogitsConfig:
 # Options that change speed, not bytes. (batch_size: the numerics of a batched forward can
 # differ in the last bit from an unbatched one, but both are the teacher's logits; resuming
 # with another batch size is allowed so that an out-of-memory run can continue smaller.)
-_SPEED_ONLY = ("batch_size", "workers", "device")
+_SPEED_ONLY = ("batch_size", "workers", "device", "attn")
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -220,7 +222,7 @@ def _generate(cfg: LogitsConfig, d: Dist) -> Path:
         log(f"famex logits: {len(mine) - len(todo)} of {len(mine)} shards already written; resuming")
 
     try:
-        model = _load_teacher(spec, chunks, _dtype(cfg.dtype, d.device), d.device) if todo else None
+        model = _load_teacher(spec, chunks, _dtype(cfg.dtype, d.device), d.device, cfg.attn) if todo else None
         t0, c0 = time.perf_counter(), time.process_time()
         entries = _run(model, chunks, permutation, plan, todo, params, cfg, d, out)
         elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
@@ -249,10 +251,10 @@ def _generate(cfg: LogitsConfig, d: Dist) -> Path:
     return out
 
 
-def _load_teacher(spec, chunks, dtype: torch.dtype, device: torch.device):
-    from famex.models import load_model
+def _load_teacher(spec, chunks, dtype: torch.dtype, device: torch.device, attn: str = "auto"):
+    from famex.models import load_model, resolve_attn
 
-    model = load_model(spec, dtype=dtype)
+    model = load_model(spec, dtype=dtype, attn_implementation=resolve_attn(attn, device))
     if model.config.vocab_size < chunks.vocab_size:
         raise FamexError(
             f"teacher {spec.path} has a vocabulary of {model.config.vocab_size}, the data's tokenizer {chunks.vocab_size} — "
