@@ -96,12 +96,14 @@ def reference(tmp_path_factory, small_data, tiny_teacher):
     return out
 
 
-def test_topk_of_logits_matches_an_fp64_reference():
+@pytest.mark.parametrize("sync_free", [False, True])
+def test_topk_of_logits_matches_an_fp64_reference(sync_free):
+    """Both paths (CPU row selection; the GPU's sync-free torch.where) against fp64 softmax."""
     g = torch.Generator().manual_seed(0)
     logits = 4 * torch.randn(50, 300, generator=g)
     logits[:5, 7] += 60  # peaked rows: left-out mass ~1e-20, beyond fp32's 1 - sum
     for temperature in (1.0, 0.7):
-        ids, probs, mass = topk_of_logits(logits, 10, temperature, rows=16)
+        ids, probs, mass = topk_of_logits(logits, 10, temperature, rows=16, sync_free=sync_free)
         p = torch.softmax(logits.double() / temperature, -1)
         ref_p, ref_ids = p.sort(-1, descending=True)
         assert torch.equal(ids, ref_ids[:, :10])
@@ -291,3 +293,11 @@ def test_cli_verify(tmp_path, reference, capsys):
     assert main(["logits", "verify", str(copy)]) == 2
     assert "shard-00001.fxl" in capsys.readouterr().err
     assert main(["logits", "check", str(copy)]) == 2
+
+
+def test_topk_sync_free_path_never_reads_a_tensor_on_the_host(monkeypatch):
+    """The GPU path calls no nonzero (a host sync per block); checked by making nonzero fail."""
+    logits = torch.randn(40, 64)
+    monkeypatch.setattr(torch.Tensor, "nonzero", lambda *a, **k: (_ for _ in ()).throw(AssertionError("host sync")))
+    ids, probs, mass = topk_of_logits(logits, 4, sync_free=True)
+    assert ids.shape == (40, 4) and mass.shape == (40,)

@@ -128,7 +128,8 @@ def main(args: argparse.Namespace) -> int:
 # --- the maths -------------------------------------------------------------------------------
 
 
-def topk_of_logits(logits: torch.Tensor, k: int, temperature: float = 1.0, rows: int = 16):
+def topk_of_logits(logits: torch.Tensor, k: int, temperature: float = 1.0, rows: int | None = None,
+                   sync_free: bool | None = None):
     """Top-k ids, probabilities and left-out mass of ``softmax(logits / temperature)`` per row.
 
     ``logits`` [N, V] (any float dtype; computed in fp32). Rows are processed ``rows`` at a time:
@@ -138,7 +139,14 @@ def topk_of_logits(logits: torch.Tensor, k: int, temperature: float = 1.0, rows:
     mass is ``1 - sum(top-k)`` (in fp64) where that is precise; for rows with less than
     `_SMALL_MASS` left, whose ``1 - sum`` fp32 cannot resolve, it is summed from the ids outside
     the top-k instead. Returns ids int64 [N, k], probs fp32 [N, k], mass_left fp32 [N].
+
+    ``sync_free`` (default: on every device but the CPU) computes that exact tail for every row and
+    keeps it where needed (``torch.where``) instead of selecting the rows (``nonzero``), so a GPU
+    never waits on the host inside the loop; blocks are then 256 rows (default ``rows``), not 16.
     """
+    if sync_free is None:
+        sync_free = logits.device.type != "cpu"
+    rows = rows or (256 if sync_free else 16)
     ids, probs, mass = [], [], []
     for z in logits.split(rows):
         z = z.float()
@@ -146,8 +154,10 @@ def topk_of_logits(logits: torch.Tensor, k: int, temperature: float = 1.0, rows:
         top, idx = logp.topk(k, dim=-1)
         p = top.exp()
         m = (1.0 - p.double().sum(-1)).clamp_min(0.0)
-        small = (m < _SMALL_MASS).nonzero().squeeze(1)
-        if len(small):
+        if sync_free:
+            rest = logp.scatter(-1, idx, float("-inf"))
+            m = torch.where(m < _SMALL_MASS, torch.logsumexp(rest, dim=-1).exp().double(), m)
+        elif len(small := (m < _SMALL_MASS).nonzero().squeeze(1)):
             rest = logp[small].scatter_(-1, idx[small], float("-inf"))
             m[small] = torch.logsumexp(rest, dim=-1).exp().double()
         ids.append(idx)
