@@ -33,6 +33,8 @@ COMMANDS: dict[str, Command] = {
                     "data preparation"),
     "logits": Command("famex.teacher.generate", "run the teacher once and store its sparse top-k logits (also: logits verify)",
                       "the sparse teacher-logit store"),
+    "prune": Command("famex.prune.stage", "cut a smaller student from the teacher (layers, MLP channels, heads, hidden size)",
+                     "pruning"),
     "distill": Command("famex.distill.train", "pre-train a student by distillation from the logit store",
                        "the distillation trainer"),
     "sft": Command("famex.posttrain.sft", "supervised fine-tuning on chat data (assistant-only loss)",

@@ -260,6 +260,17 @@ def config_dict(cfg: Any) -> dict[str, Any]:
     return {f.name: _plain(getattr(cfg, f.name)) for f in dataclasses.fields(cfg) if not f.name.startswith("_")}
 
 
+def config_defaults(cls: Any) -> dict[str, Any]:
+    """The default of every option of a config dataclass (or instance) that has one, as plain data."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = _plain(f.default)
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = _plain(f.default_factory())
+    return out
+
+
 def _plain(v: Any) -> Any:
     if isinstance(v, Path):
         return str(v)

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from famex import __version__
-from famex.config import config_dict
+from famex.config import config_defaults, config_dict
 from famex import integrity
 from famex.errors import FamexError
 from famex.utils import atomic_write_json, log, sha256_file
@@ -148,6 +148,8 @@ class Stage:
         self.out = Path(out)
         self.stage = stage
         self.config = config_dict(config) if dataclasses.is_dataclass(config) else dict(config)
+        # An option a newer famex added, at its default, is no difference from a meta.json without it.
+        self.defaults = config_defaults(config) if dataclasses.is_dataclass(config) else {}
         self.inputs = {
             name: {"path": str(p), "hash": content_hash(p)} for name, p in (inputs or {}).items() if p is not None
         }
@@ -170,8 +172,9 @@ class Stage:
     def differences(self, meta: dict[str, Any]) -> list[str]:
         old_cfg, old_in = self._identity(meta.get("config", {}), meta.get("inputs", {}))
         new_cfg, new_in = self._identity(self.config, self.inputs)
+        added = {k for k in set(new_cfg) - set(old_cfg) if k in self.defaults and new_cfg[k] == self.defaults[k]}
         diffs = [f"{k}: {old_cfg.get(k)!r} -> {new_cfg.get(k)!r}" for k in sorted(set(old_cfg) | set(new_cfg))
-                 if old_cfg.get(k) != new_cfg.get(k)]
+                 if old_cfg.get(k) != new_cfg.get(k) and k not in added]
         old_inputs = meta.get("inputs", {})
         diffs += [f"input {k} changed" for k in sorted(set(old_in) | set(new_in))
                   if old_in.get(k) != new_in.get(k) and not self._same_input(k, old_inputs.get(k))]
@@ -214,11 +217,13 @@ class Stage:
         self.meta.update(extra)
         self._write()
 
-    def finish(self, metrics: dict[str, Any] | None = None, **extra: Any) -> None:
+    def finish(self, metrics: dict[str, Any] | None = None, unlisted: Iterable[str] = (), **extra: Any) -> None:
+        """Mark the stage complete with the file list of its directory (``unlisted``: relative paths
+        of work files the stage deletes right after, left out of the list)."""
         if metrics is not None:
             atomic_write_json(self.out / "metrics.json", metrics)
         self.meta.update(extra, status=COMPLETE, finished=_now())
-        self.meta["files"] = integrity.file_records(self.out, skip=(META,))
+        self.meta["files"] = integrity.file_records(self.out, skip=(META, *unlisted))
         self._write()
 
     def fail(self, error: BaseException) -> None:

@@ -71,7 +71,7 @@ class TrainOptions:
     device: str = "auto"
     """auto, cpu, cuda."""
     attn: Literal["auto", "sdpa", "flex", "flash_attention_2"] = "auto"
-    """Attention kernel for packed documents: auto = flex (document block mask, no T×T mask) on CUDA, sdpa on CPU."""
+    """Attention kernel for packed documents: auto = flex (document BlockMask, no T×T mask) on CUDA, sdpa (dense boolean mask) on CPU."""
     prefetch: int = 2
     """Optimizer steps whose micro-batches a background thread prepares ahead (0 = none)."""
 
@@ -95,4 +95,4 @@ class DistillOptions:
 
 # Options that change speed or bookkeeping, not the weights a run ends with.
 TRAIN_IDENTITY_EXCLUDE = ("save_every", "keep_last", "eval_every", "eval_chunks", "log_every", "prefetch",
-                          "device", "attn", "micro_batch", "loss_chunk_tokens")
+                          "device", "micro_batch", "loss_chunk_tokens", "attn")

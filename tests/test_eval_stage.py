@@ -35,8 +35,9 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 # --------------------------------------------------------------------------- references (no famex eval code)
 
 
-def per_document_loss(model, data_dir: Path, split: str = "val", max_chunks: int = 0) -> tuple[float, int]:
-    """Mean next-token CE of the split's chunks, each document piece of a chunk run alone through ``model``."""
+def per_document_loss(model, data_dir: Path, split: str = "val", max_chunks: int = 0, per_chunk: bool = False):
+    """Mean next-token CE of the split's chunks, each document piece of a chunk run alone through ``model``
+    (with ``per_chunk``, also each chunk's CE sum and token count)."""
     from famex.data.packing import TokenSplit
 
     ts = TokenSplit(data_dir, split)
@@ -44,8 +45,11 @@ def per_document_loss(model, data_dir: Path, split: str = "val", max_chunks: int
     n = (ts.n_tokens - 1) // T
     n = min(n, max_chunks) if max_chunks else n
     total, count = 0.0, 0
+    sums, counts = [], []
     with torch.no_grad():
         for i in range(n):
+            sums.append(-total)
+            counts.append(-count)
             start = i * T
             window = ts.tokens(start, start + T + 1)
             doc = ts.doc_index(np.arange(start, start + T + 1))
@@ -58,6 +62,10 @@ def per_document_loss(model, data_dir: Path, split: str = "val", max_chunks: int
                         total += float(F.cross_entropy(logits, piece[1:], reduction="sum"))
                         count += len(piece) - 1
                     a = b
+            sums[-1] += total
+            counts[-1] += count
+    if per_chunk:
+        return total / count, count, sums, counts
     return total / count, count
 
 
@@ -142,6 +150,21 @@ def test_val_loss_equals_per_document_reference(models, bf16_eval):
     ref3, count3 = per_document_loss(model, models["data"], max_chunks=3)
     assert few["val_chunks"] == 3 and few["val_tokens"] == count3 and abs(few["val_loss"] - ref3) < 1e-4
     assert "tokens_per_s" not in few  # --speed-iters 0 skips the measurement
+
+
+def test_val_loss_standard_error_over_chunks(models, bf16_eval):
+    """val_chunks.json holds each chunk's CE sum and tokens (the per-document reference's); val_loss_se
+    is the s.e. over chunks, checked against a leave-one-chunk-out jackknife of the same ratio."""
+    model = AutoModelForCausalLM.from_pretrained(models["bf16"], attn_implementation="sdpa").eval()
+    _, _, sums, counts = per_document_loss(model, models["data"], per_chunk=True)
+    saved = read_json(models["root"] / "eval-bf16" / "val_chunks.json")
+    assert saved["tokens"] == counts and np.allclose(saved["ce_sum"], sums, rtol=1e-4)
+    s, c = np.array(sums), np.array(counts, dtype=float)
+    n = len(s)
+    loo = np.array([(s.sum() - s[i]) / (c.sum() - c[i]) for i in range(n)])
+    jackknife = np.sqrt((n - 1) / n * ((loo - loo.mean()) ** 2).sum())
+    assert n >= 5 and bf16_eval["val_loss_se"] == pytest.approx(jackknife, rel=0.15)
+    assert 0 < bf16_eval["val_loss_se"] < 0.5 * bf16_eval["val_loss"]
 
 
 def test_bf16_metrics_and_stage_contract(models, bf16_eval):
@@ -393,3 +416,16 @@ def test_default_gguf_teacher(tiny_data, tmp_path, teacher, monkeypatch):
     assert m["size_on_disk_bytes"] == default_teacher_path().stat().st_size
     ref, _ = per_document_loss(teacher[0], tiny_data, max_chunks=2)
     assert abs(m["val_loss"] - ref) < 1e-4
+
+
+def test_eval_refuses_a_missing_cuda_device_before_loading(tmp_path):
+    import torch
+
+    from famex.eval.stage import EvalConfig, evaluate
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    cfg = EvalConfig(model=str(tmp_path / "not-loaded"), out=str(tmp_path / "ev"), device="cuda", speed_iters=0)
+    cfg.validate()
+    with pytest.raises(FamexError, match="no CUDA device is available; use --device cpu"):
+        evaluate(cfg)

@@ -100,12 +100,16 @@ def assert_packed_equals_solo(model, chunk, attn: str = "sdpa"):
 
 @pytest.fixture
 def eager_flex(monkeypatch):
-    """transformers wraps flex attention in torch.compile (inductor) on first use; on CPU that
-    compile alone takes longer than the test, so here flex runs torch's exact (unfused) eager
-    forward instead: the same kernel semantics, the same BlockMask."""
+    """transformers compiles flex attention on first use; on CPU the compile alone takes longer than
+    the test, so here flex runs its exact (unfused) eager forward, with the same BlockMask."""
     import transformers.integrations.flex_attention as hf_flex
+    from torch.nn.attention.flex_attention import flex_attention
 
-    monkeypatch.setattr(hf_flex, "is_torchdynamo_compiling", lambda: True)
+    def eager(query, key, value, training=False, **kwargs):
+        return flex_attention(query, key, value, **kwargs)
+
+    monkeypatch.setattr(hf_flex, "compile_friendly_flex_attention", eager)
+    yield
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "flex_attention"])
@@ -134,3 +138,21 @@ def test_flex_inputs_carry_a_block_mask_not_a_dense_one(three_doc_chunk):
     q, k = torch.meshgrid(torch.arange(T), torch.arange(T), indexing="ij")
     assert torch.equal(flex.mask_mod(torch.tensor(0), torch.tensor(0), q, k), dense)
     assert "attention_mask" not in model_inputs(batch, "flash_attention_2")
+
+
+def test_attn_option_resolves_per_device_and_refuses_what_cannot_run():
+    from famex.errors import FamexError
+    from famex.models import resolve_attn
+
+    assert resolve_attn("auto", "cpu") == "sdpa"
+    assert resolve_attn("auto", "cuda") == "flex_attention"  # the GPU default: a BlockMask, no T×T tensor
+    assert resolve_attn("flex", "cpu") == "flex_attention"  # forward only (teacher logits, eval)
+    with pytest.raises(FamexError, match="no backward pass on CPU"):
+        resolve_attn("flex", "cpu", training=True)
+    with pytest.raises(FamexError, match="unknown attention implementation"):
+        resolve_attn("dense", "cpu")
+    import importlib.util
+
+    if importlib.util.find_spec("flash_attn") is None:
+        with pytest.raises(FamexError, match="flash-attn package"):
+            resolve_attn("flash_attention_2", "cuda")

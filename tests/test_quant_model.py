@@ -243,3 +243,30 @@ def test_bad_inputs(tmp_path):
     assert not (tmp_path / "q").exists()
     with pytest.raises(FamexError, match="not a quantized model directory"):
         load_quantized(tmp_path)
+
+
+@pytest.mark.parametrize("fmt, method", [("int4", "rtn"), ("int4", "gptq"), ("nvfp4", "rtn")])
+def test_block_by_block_on_a_device_equals_in_place(fmt, method):
+    """``device=``: each decoder block is moved there, quantized, moved back. torch.device("cpu", 0) is
+    not the model's device as torch compares them, so the whole moving path runs here on the CPU;
+    the result must be bit-identical (on a GPU, bench/gpu.sh runs it)."""
+    batches = _calib(n=2)
+    a, b = _tiny("llama"), _tiny("llama")
+    ra = quantize_model(a, fmt, method, calib=batches)
+    rb = quantize_model(b, fmt, method, calib=batches, device=torch.device("cpu", 0))
+    assert ra.qparams.keys() == rb.qparams.keys()
+    for name in ra.qparams:
+        for f in ("codes", "scale", "input_global_scale"):
+            x, y = getattr(ra.qparams[name], f), getattr(rb.qparams[name], f)
+            assert (x is None and y is None) or torch.equal(x, y), (name, f)
+    assert torch.equal(_logits(a, batches), _logits(b, batches))
+
+
+def test_quantize_stage_refuses_a_missing_cuda_device():
+    from famex.models import resolve_device
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(FamexError, match="no CUDA device is available; use --device cpu"):
+        resolve_device("cuda")
+    assert resolve_device("auto") == torch.device("cpu")

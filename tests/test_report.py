@@ -481,3 +481,47 @@ def test_teacher_scored_few_shot_joins_the_instruct_front(tmp_path, no_figures):
     out = report(ReportConfig(run_dir=str(root), out=str(tmp_path / "report2")))
     md = (out / "report.md").read_text()
     assert "teacher bf16" not in md[md.index("### Instruct models"):md.index("## Training curves")]
+
+
+def test_paired_differences_carry_their_standard_error_and_noise_marks(tmp_path):
+    """Two evaluations of the same chunks: the s.e. of their val-loss difference is paired over chunks
+    (slow reference: per-chunk differences with numpy); identical models are within noise, a model
+    worse on every chunk by far more than the spread is not."""
+    import numpy as np
+
+    from famex.report.runtree import paired_se, within_noise
+    from famex.report.tables import fmt_diff
+    from famex.utils import atomic_write_json
+
+    rng = np.random.default_rng(0)
+    tokens = [int(t) for t in rng.integers(200, 256, size=40)]
+    base = rng.normal(3.0, 0.4, size=40) * tokens
+    worse = base + rng.normal(0.05, 0.01, size=40) * tokens
+    for name, sums in (("a", base), ("b", base.copy()), ("c", worse)):
+        (tmp_path / name).mkdir()
+        atomic_write_json(tmp_path / name / "val_chunks.json", {"ce_sum": [float(x) for x in sums], "tokens": tokens})
+    d = (worse - base)
+    t = np.array(tokens, float)
+    ratio = d.sum() / t.sum()
+    ref = np.sqrt(len(d) / (len(d) - 1) * ((d - ratio * t) ** 2).sum()) / t.sum()
+    se = paired_se(str(tmp_path / "c"), str(tmp_path / "a"))
+    assert se == pytest.approx(ref, rel=1e-9) and 0 < se < 0.01  # far below the unpaired spread of 0.4 / sqrt(40)
+    assert within_noise(ratio, se) is False and "s.e.)" in fmt_diff(ratio, se)
+    assert paired_se(str(tmp_path / "b"), str(tmp_path / "a")) == 0.0
+    assert within_noise(0.0, 1e-3) is True and "within noise" in fmt_diff(0.0005, 1e-3)
+    assert paired_se(str(tmp_path / "a"), str(tmp_path / "missing")) is None and within_noise(0.1, None) is None
+
+
+def test_pareto_plot_draws_each_points_standard_error(tmp_path, monkeypatch):
+    from matplotlib.axes import Axes
+
+    from famex.report.plots import pareto_plot
+
+    bars = []
+    real = Axes.errorbar
+    monkeypatch.setattr(Axes, "errorbar", lambda self, x, y, **kw: bars.append((x, y, kw["yerr"])) or real(self, x, y, **kw))
+    rows = [{"model": "s", "format": "bf16", "size_bytes": 4e6, "val_loss": 3.2, "val_loss_se": 0.05},
+            {"model": "s", "format": "int4", "size_bytes": 1e6, "val_loss": 3.4, "val_loss_se": 0.06},
+            {"model": "t", "format": "bf16", "size_bytes": 9e6, "val_loss": 3.0}]  # no s.e.: no bar
+    path = pareto_plot(rows, rows[:2], "size_bytes", "val_loss", False, "front", tmp_path / "p.png")
+    assert path.is_file() and sorted(b[2] for b in bars) == [0.05, 0.06]

@@ -230,3 +230,29 @@ def test_dry_run_prints_plan_and_costs_without_running(tmp_path, assets):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| distill-a | train |" in proc.stdout and "| quantize-a-int4-qad-nf | train |" in proc.stdout
     assert not (tmp_path / "run").exists()
+
+
+def test_a_student_pruned_from_the_teacher_is_cut_then_distilled(tmp_path, assets):
+    """[[student]] prune = {...}: famex run cuts it from the teacher (famex prune), then distils that directory."""
+    from transformers import AutoConfig
+
+    from famex.stage import read_meta
+
+    recipe = write_recipe(tmp_path / "pruned.toml", assets,
+                          student='name = "p"\nprune = { layers = 1, mlp = 32, calib_tokens = 256 }',
+                          chat=None, sft=None, dpo=None, quantize=None, export=None, eval=None, report=None)
+    dry = run_cli("run", str(recipe), "--dry-run", "--out", str(tmp_path / "run"))
+    assert dry.returncode == 0, dry.stderr[-3000:]
+    assert dry.stdout.index("prune-p") < dry.stdout.index("distill-p")
+    proc = run_cli("run", str(recipe), "--out", str(tmp_path / "run"), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    run = tmp_path / "run"
+    assert read_meta(run / "prune-p")["stage"] == "prune" and read_meta(run / "prune-p")["status"] == "complete"
+    distill = read_meta(run / "distill-p")
+    assert distill["status"] == "complete" and distill["config"]["student"] == str(run / "prune-p")
+    cfg = AutoConfig.from_pretrained(run / "distill-p")
+    assert (cfg.model_type, cfg.num_hidden_layers, cfg.intermediate_size) == ("llama", 1, 32)  # the teacher's architecture, cut
+    bad = write_recipe(tmp_path / "bad.toml", assets, student='name = "p"\npreset = "tiny-apertus"\nprune = { layers = 1 }',
+                       chat=None, sft=None, dpo=None, quantize=None, export=None, eval=None, report=None)
+    proc = run_cli("run", str(bad), "--dry-run", "--out", str(tmp_path / "bad"))
+    assert proc.returncode != 0 and "replaces preset / model" in proc.stderr

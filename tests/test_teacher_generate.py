@@ -96,9 +96,8 @@ def reference(tmp_path_factory, small_data, tiny_teacher):
     return out
 
 
-@pytest.mark.parametrize("sync_free", [False, True])
+@pytest.mark.parametrize("sync_free", [False, True])  # True: the CUDA path (no host syncs), run on CPU
 def test_topk_of_logits_matches_an_fp64_reference(sync_free):
-    """Both paths (CPU row selection; the GPU's sync-free torch.where) against fp64 softmax."""
     g = torch.Generator().manual_seed(0)
     logits = 4 * torch.randn(50, 300, generator=g)
     logits[:5, 7] += 60  # peaked rows: left-out mass ~1e-20, beyond fp32's 1 - sum
@@ -295,9 +294,26 @@ def test_cli_verify(tmp_path, reference, capsys):
     assert main(["logits", "check", str(copy)]) == 2
 
 
-def test_topk_sync_free_path_never_reads_a_tensor_on_the_host(monkeypatch):
-    """The GPU path calls no nonzero (a host sync per block); checked by making nonzero fail."""
-    logits = torch.randn(40, 64)
-    monkeypatch.setattr(torch.Tensor, "nonzero", lambda *a, **k: (_ for _ in ()).throw(AssertionError("host sync")))
-    ids, probs, mass = topk_of_logits(logits, 4, sync_free=True)
-    assert ids.shape == (40, 4) and mass.shape == (40,)
+def test_metrics_report_the_kl_of_a_bf16_teacher_against_fp32(tmp_path, small_data, tiny_teacher, reference):
+    """A bf16 teacher's store says how far its forward is from the fp32 one (slow reference: both
+    forwards of the first chunk in the store order, KL over the full vocabulary, here in the test)."""
+    from famex.data.packing import PackedChunks, model_inputs
+    from famex.models import load_model
+    from famex.teacher.store import LogitStore
+
+    out = generate(config(small_data, tiny_teacher, tmp_path / "bf16", dtype="bfloat16"))
+    metrics = json.loads((out / "metrics.json").read_text())
+    chunks = PackedChunks(small_data, "train")
+    chunk = chunks[LogitStore(out).data_index(0)]
+    batch = {k: v[None] for k, v in chunk.items()}
+    V = chunks.vocab_size
+    with torch.no_grad():
+        lo = load_model(tiny_teacher, dtype=torch.bfloat16)(**model_inputs(batch)).logits[0, :, :V].double()
+        hi = load_model(tiny_teacher)(**model_inputs(batch)).logits[0, :, :V].double()
+    p, q = torch.softmax(hi, -1), torch.softmax(lo, -1)
+    want = (p * (p.log() - q.log())).sum(-1)
+    assert metrics["kl_precision_dtype"] == "bfloat16" and metrics["kl_precision_positions"] == len(want)
+    assert metrics["kl_bf16_vs_fp32_mean"] == pytest.approx(float(want.mean()), rel=2e-2, abs=1e-7)
+    assert metrics["kl_bf16_vs_fp32_mean"] > 0
+    # an fp32 teacher (the CPU default): 0 by definition
+    assert json.loads((reference / "metrics.json").read_text())["kl_bf16_vs_fp32_mean"] == 0.0

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from famex.config import add_config_arguments, compose, config_dict, config_from_dict, field_docs, resolve_config
+from famex.config import add_config_arguments, compose, config_defaults, config_dict, config_from_dict, field_docs, resolve_config
 from famex.stage import COMPLETE, Stage
 from famex.train_options import TrainOptions
 
@@ -46,14 +46,15 @@ def test_recipes_resolve_to_the_configs_older_famex_recorded(recipes, recipe_nam
         node = nodes[name]
         assert node.stage == old["stage"]
         cfg = config_from_dict(stage_config(node.stage), node.config, recipe_name)
-        assert config_dict(cfg) == old["config"], name
+        got, defaults = config_dict(cfg), config_defaults(cfg)
+        # Options added since (e.g. `famex data --shard`) at their defaults: what the old config meant.
+        added = {k for k in set(got) - set(old["config"]) if k in defaults and got[k] == defaults[k]}
+        assert {k: v for k, v in got.items() if k not in added} == old["config"], name
 
 
 def test_a_stage_older_famex_finished_is_not_rerun(tmp_path):
     """meta.json of a complete stage, as famex wrote it before: the same options now find it complete."""
     for name, old in GOLDEN["configs/demo.toml"].items():
-        if old["stage"] not in TRAINING_STAGES:
-            continue
         out = tmp_path / name
         out.mkdir()
         meta = {"stage": old["stage"], "status": COMPLETE, "config": old["config"], "inputs": {},

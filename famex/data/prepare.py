@@ -437,7 +437,8 @@ def _merge_parts(cfg: DataConfig, stage: Stage, n: int) -> bool:
         new_tokens += part["new_tokens"]
         elapsed = max(elapsed, part["elapsed"])
     atomic_write_json(out / "progress.json", state)
-    _finish(cfg, stage, state, new_tokens, elapsed, _workers(cfg))
+    work = [p.relative_to(out).as_posix() for p in sorted((out / PARTS_DIR).rglob("*")) if p.is_file()]
+    _finish(cfg, stage, state, new_tokens, elapsed, _workers(cfg), unlisted=work)
     shutil.rmtree(out / PARTS_DIR, ignore_errors=True)
     return True
 
@@ -580,7 +581,8 @@ def _prepare(cfg: DataConfig, stage: Stage, docs: Iterator[str], spec, load_toke
         _finish(cfg, stage, state, new_tokens, elapsed, workers)
 
 
-def _finish(cfg: DataConfig, stage: Stage, state: dict, new_tokens: int, elapsed: float, workers: int) -> None:
+def _finish(cfg: DataConfig, stage: Stage, state: dict, new_tokens: int, elapsed: float, workers: int,
+            unlisted: list[str] = ()) -> None:
     out = stage.out
     splits = {}
     for split in SPLITS:
@@ -607,7 +609,7 @@ def _finish(cfg: DataConfig, stage: Stage, state: dict, new_tokens: int, elapsed
                 "because no assistant token was left")
         if cfg.demo_chat:
             stage.update(demo_chat={"chat": "sources/chat.jsonl", "prefs": "sources/prefs.jsonl"})
-    stage.finish(metrics, splits=splits)
+    stage.finish(metrics, unlisted=unlisted, splits=splits)
     log(f"famex data: {metrics['tokens']:,} tokens ({metrics['docs_train']:,} train / {metrics['docs_val']:,} val documents) in {out}")
 
 

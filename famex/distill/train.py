@@ -23,7 +23,7 @@ import torch
 from famex.config import add_config_arguments, compose, resolve_config
 from famex.data.packing import IGNORE_INDEX, ChunkOrder, PackedChunks, collate, model_inputs
 from famex.distill.losses import LossOut, distill_loss
-from famex.distill.trainer import setup_distributed, stage_on_ranks, train
+from famex.distill.trainer import begin_on_ranks, setup_distributed, stage_on_ranks, train
 from famex.errors import FamexError
 from famex.stage import Stage, require_complete, same_content
 from famex.train_options import TRAIN_IDENTITY_EXCLUDE, DistillOptions, TrainOptions
@@ -209,11 +209,8 @@ def resolve_schedule(cfg: DistillConfig, student: str) -> tuple[int, float, int]
 
 def distill(cfg: DistillConfig) -> Path:
     """Run the `famex distill` stage; returns the output (model) directory."""
-    import torch.distributed as dist
+    from famex.models import build_student, save_model
 
-    from famex.models import build_student, resolve_attn, resolve_device, save_model
-
-    resolve_device(cfg.device)  # a clear error for --device cuda without CUDA
     d = setup_distributed(cfg.device)
     out = Path(cfg.out)
     require_complete(cfg.data, "data", "data directory")
@@ -226,11 +223,7 @@ def distill(cfg: DistillConfig) -> Path:
     if Path(cfg.student).exists():
         inputs["student"] = cfg.student
     stage = Stage(out, "distill", cfg, inputs, identity_exclude=TRAIN_IDENTITY_EXCLUDE)
-    done = stage.begin(extra={"iters": iters, "lr": lr, "global_batch": global_batch}) if d.main else False
-    if d.world > 1:
-        flag = [done]
-        dist.broadcast_object_list(flag, src=0)
-        done = flag[0]
+    done = begin_on_ranks(stage, d, {"iters": iters, "lr": lr, "global_batch": global_batch})
     if done:
         return out
     with stage_on_ranks(stage, d) as finish:
@@ -238,8 +231,7 @@ def distill(cfg: DistillConfig) -> Path:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-        model = build_student(cfg.student, chunks.vocab_size, tokenizer, seed=cfg.seed,
-                              attn_implementation=resolve_attn(cfg.attn, d.device, training=True))
+        model = build_student(cfg.student, chunks.vocab_size, tokenizer, seed=cfg.seed)
         if model.config.vocab_size != chunks.vocab_size:
             raise FamexError(
                 f"vocab size mismatch: student {model.config.vocab_size}, data {chunks.vocab_size} — "

@@ -106,6 +106,16 @@ def setup_distributed(device: str = "auto") -> Dist:
     return Dist(rank, world, local, torch.device(f"cuda:{local}") if want_cuda else torch.device("cpu"))
 
 
+def begin_on_ranks(stage, d: Dist, extra: dict | None = None) -> bool:
+    """`Stage.begin` on rank 0, its answer (already complete?) broadcast to every rank."""
+    done = stage.begin(extra=extra) if d.main else False
+    if d.world > 1:
+        flag = [done]
+        dist.broadcast_object_list(flag, src=0)
+        done = flag[0]
+    return done
+
+
 @contextlib.contextmanager
 def stage_on_ranks(stage, d: Dist):
     """The body of a training stage on every rank; yields ``finish(metrics)`` for rank 0 to call.
@@ -471,6 +481,10 @@ def train(
             "change --global-batch or --micro-batch"
         )
     accum = global_batch // (d.world * cfg.micro_batch)
+    if hasattr(model, "set_attn_implementation"):
+        from famex.models import resolve_attn
+
+        model.set_attn_implementation(resolve_attn(cfg.attn, d.device, training=True))
     model.to(d.device)
     model.train()
     module = wrap_parallel(model, task, cfg, d)

@@ -62,7 +62,7 @@ PIPELINE = ("data", "logits", "distill", "average", "sft", "dpo", "quantize", "e
 QAD_TOKENS_DEFAULT = 100_000_000
 """`famex quantize --method qad`'s default token budget (the paper's ≈100M)."""
 
-NOT_COSTED = {"data": "tokenizing", "export": "writing files", "eval": "evaluation forwards (small)",
+NOT_COSTED = {"data": "tokenizing", "prune": "one calibration forward of the teacher (small)", "export": "writing files", "eval": "evaluation forwards (small)",
               "report": "plots and tables", "average": "averaging checkpoints"}
 
 
@@ -265,6 +265,9 @@ def recipe_cost(recipe, teacher_preset: str | None = None) -> dict[str, Any]:
             row = stage_cost(node.name, teacher["params_total"], d, "forward", paper)
             stages.append({**row, "stage": "logits"})
             store = _add_store(store, cfg, d)
+        elif node.stage == "distill" and any(n.stage == "prune" and n.config["out"] == str(cfg["student"]) for n in recipe.nodes) \
+                and not Path(str(cfg["student"]), "config.json").is_file():
+            not_costed.append((node.name, "a student pruned from the teacher: its size is known once famex prune ran"))
         elif node.stage == "distill":
             student = str(cfg["student"])
             info = model_info_cached(student, vocab)

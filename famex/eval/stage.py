@@ -38,8 +38,9 @@ from typing import Any, Literal
 from famex.config import add_config_arguments, resolve_config
 from famex.errors import FamexError
 from famex.stage import Stage, read_meta
-from famex.utils import atomic_write_json, log, read_json
+from famex.utils import atomic_write_json, log, progress, read_json
 
+VAL_CHUNKS_FILE = "val_chunks.json"
 FLOPS_CONVENTION = "2·N per token (one forward pass, N = all parameters incl. embeddings; the paper's Table 2 counts N)"
 
 
@@ -77,6 +78,8 @@ class EvalConfig:
     """Sequence length of the throughput measurement (capped at the model's context)."""
     speed_iters: int = 3
     """Timed forward passes for tokens_per_s (their median); 0 skips the measurement."""
+    device: str = "auto"
+    """Where the model runs (validation, few-shot, speed): auto = CUDA when present, cpu, cuda[:N]; MLX exports run in mlx."""
 
     def validate(self) -> None:
         if not self.model:
@@ -248,13 +251,15 @@ def _metrics(path: Path) -> dict[str, Any]:
 # ---------------------------------------------------------------- measurements
 
 
-def validation_loss(model, data_dir: str | Path, split: str = "val", max_chunks: int = 0, micro_batch: int = 4) -> dict[str, Any]:
+def validation_loss(model, data_dir: str | Path, split: str = "val", max_chunks: int = 0) -> dict[str, Any]:
     """Mean next-token CE over the packed chunks of a split, documents masked from each other.
 
-    Returns ``val_loss`` (nats/token), ``val_tokens`` (labelled tokens scored) and ``val_chunks``.
+    Returns ``val_loss`` (nats/token), ``val_loss_se`` (its standard error over chunks, `ratio_se`),
+    ``val_tokens`` (labelled tokens scored), ``val_chunks``, and the per-chunk CE sums and token
+    counts (the eval stage writes them to val_chunks.json, for paired comparisons of two models on
+    the same chunks). One chunk per forward: the figures do not depend on a batch size.
     """
     from famex.data.packing import PackedChunks
-    from famex.distill.train import validate_chunks
 
     chunks = PackedChunks(data_dir, split)
     if len(chunks) == 0:
@@ -272,16 +277,41 @@ def validation_loss(model, data_dir: str | Path, split: str = "val", max_chunks:
         # validate_chunks multiplies by the head's weight directly; an input quantizer on the head would be skipped.
         raise FamexError("the model quantizes the output layer's input, which the packed validation loss cannot apply; "
                          "quantize without activation quantization on lm_head")
+    n = len(chunks) if not max_chunks else min(max_chunks, len(chunks))
     was_training = model.training
     model.eval()
+    sums, counts = [], []
     try:
-        result = validate_chunks(model, chunks, None, 0, 1, max_chunks, micro_batch=micro_batch)
+        import torch
+
+        from famex.data.packing import collate
+        from famex.distill.train import packed_loss
+
+        device = next(model.parameters()).device
+        with torch.no_grad():
+            for i in progress(range(n), desc="val loss", unit="chunk", leave=False):
+                batch = {k: v.to(device) for k, v in collate([chunks[i]]).items()}
+                out = packed_loss(model, batch, 1024, kl_weight=0.0)
+                sums.append(float(out.ce_sum))
+                counts.append(int(out.count))
     finally:
         model.train(was_training)
-    n = len(chunks) if not max_chunks else min(max_chunks, len(chunks))
-    if result["tokens"] == 0:
+    tokens = sum(counts)
+    if tokens == 0:
         raise FamexError(f"{data_dir}: the {split} split's first {n} chunk(s) hold no token to predict (all labels masked)")
-    return {"val_loss": result["ce"], "val_tokens": result["tokens"], "val_chunks": n}
+    return {"val_loss": sum(sums) / tokens, "val_loss_se": ratio_se(sums, counts), "val_tokens": tokens, "val_chunks": n,
+            "val_chunk_ce_sums": sums, "val_chunk_tokens": counts}
+
+
+def ratio_se(sums: list[float], counts: list[int]) -> float | None:
+    """Standard error of ``Σ sums / Σ counts`` over the chunks as the sampling unit (tokens within a
+    chunk are correlated, chunks far less): the ratio estimator's
+    ``sqrt(n / (n − 1) · Σ (s_i − R·c_i)²) / Σ c_i``. None for fewer than two chunks."""
+    n, total = len(sums), sum(counts)
+    if n < 2 or total == 0:
+        return None
+    r = sum(sums) / total
+    return math.sqrt(n / (n - 1) * sum((s - r * c) ** 2 for s, c in zip(sums, counts))) / total
 
 
 def read_reference(path: str | Path) -> dict[str, Any]:
@@ -357,7 +387,10 @@ def evaluate(cfg: EvalConfig) -> Path:
     from famex.eval.fewshot import resolve_tasks
     from famex.eval.runtime import detect_kind
 
+    from famex.models import resolve_device
+
     cfg.validate()
+    resolve_device(cfg.device)  # a missing CUDA device fails before any loading
     tasks = resolve_tasks(cfg.tasks) if cfg.tasks else []  # bad names fail before any loading
     kind = detect_kind(cfg.model)
     reference = read_reference(cfg.reference) if cfg.reference else None
@@ -373,7 +406,7 @@ def evaluate(cfg: EvalConfig) -> Path:
     model_input = None if kind == "gguf" and cfg.model == "default" else cfg.model
     inputs = {"model": model_input, "data": cfg.data or None, "reference": cfg.reference or None,
               "tokenizer": cfg.tokenizer or None}
-    stage = Stage(cfg.out, "eval", cfg, inputs, identity_exclude=("batch_size", "speed_seq_len", "speed_iters"))
+    stage = Stage(cfg.out, "eval", cfg, inputs, identity_exclude=("batch_size", "speed_seq_len", "speed_iters", "device"))
     if stage.begin():
         return Path(cfg.out)
     try:
@@ -392,8 +425,13 @@ def _measure(cfg: EvalConfig, tasks: list[str], reference: dict[str, Any] | None
     from famex.eval.footprint import throughput
     from famex.eval.runtime import architecture_params, deployed_size, open_model
 
+    from famex.models import resolve_device
+
     t0 = time.perf_counter()
+    device = resolve_device(cfg.device)
     ev = open_model(cfg.model)
+    if ev.kind != "mlx":
+        ev.model.to(device)
     tokenizer = _load_tokenizer(ev, cfg.tokenizer) if tasks else None
     vocab = ev.config.get_text_config().vocab_size
     if tokenizer is not None and len(tokenizer) > vocab:
@@ -407,6 +445,7 @@ def _measure(cfg: EvalConfig, tasks: list[str], reference: dict[str, Any] | None
         "params": params,
         "flops_per_token": 2 * params,
         "flops_convention": FLOPS_CONVENTION,
+        "device": "mlx" if ev.kind == "mlx" else device.type,
         **{f"runtime/{k}": v for k, v in ev.runtime.items()},
     }
     if ev.quant is not None:
@@ -418,9 +457,13 @@ def _measure(cfg: EvalConfig, tasks: list[str], reference: dict[str, Any] | None
         f"{metrics['size_bytes'] / 2**20:.1f} MiB as deployed)")
     if cfg.data:
         t = time.perf_counter()
-        metrics.update(validation_loss(ev.model, cfg.data, cfg.val_split, cfg.val_chunks, micro_batch=max(1, cfg.batch_size // 2)))
+        val = validation_loss(ev.model, cfg.data, cfg.val_split, cfg.val_chunks)
+        per_chunk = {"ce_sum": val.pop("val_chunk_ce_sums"), "tokens": val.pop("val_chunk_tokens")}
+        atomic_write_json(Path(cfg.out) / VAL_CHUNKS_FILE, per_chunk)  # what paired comparisons read (report)
+        metrics.update(val)
         metrics["val_seconds"] = time.perf_counter() - t
-        log(f"famex eval: val loss {metrics['val_loss']:.4f} over {metrics['val_tokens']} tokens "
+        se = f" ± {metrics['val_loss_se']:.4f} (s.e. over chunks)" if metrics["val_loss_se"] is not None else ""
+        log(f"famex eval: val loss {metrics['val_loss']:.4f}{se} over {metrics['val_tokens']} tokens "
             f"({metrics['val_chunks']} chunks)")
     results = None
     if tasks:

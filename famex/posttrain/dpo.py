@@ -42,7 +42,7 @@ from famex.config import add_config_arguments, compose, resolve_config
 from famex.data.chat import ChatEncoder, PreferencePair, json_key, read_preferences, truncate
 from famex.data.sources import expand_inputs
 from famex.distill.losses import LossOut
-from famex.distill.trainer import setup_distributed, stage_on_ranks, train
+from famex.distill.trainer import begin_on_ranks, setup_distributed, stage_on_ranks, train
 from famex.errors import FamexError
 from famex.posttrain.losses import IGNORE_INDEX, dpo_loss, sequence_logps
 from famex.stage import Stage, content_hash, require_complete
@@ -338,7 +338,7 @@ def dpo(cfg: DpoConfig) -> Path:
     import torch.distributed as dist
     from transformers import AutoTokenizer
 
-    from famex.models import load_model, resolve_attn, save_model
+    from famex.models import load_model, save_model
 
     d = setup_distributed(cfg.device)
     out = Path(cfg.out)
@@ -366,11 +366,7 @@ def dpo(cfg: DpoConfig) -> Path:
     stage = Stage(out, "dpo", cfg, inputs, identity_exclude=TRAIN_IDENTITY_EXCLUDE)
     extra = {"iters": iters, "lr": lr, "global_batch": global_batch, "pairs": {**counts, "train": len(train_pairs),
                                                                                "val": len(val_pairs)}}
-    done = stage.begin(extra=extra) if d.main else False
-    if d.world > 1:
-        flag = [done]
-        dist.broadcast_object_list(flag, src=0)
-        done = flag[0]
+    done = begin_on_ranks(stage, d, extra)
     if done:
         return out
     with stage_on_ranks(stage, d) as finish:
@@ -386,7 +382,7 @@ def dpo(cfg: DpoConfig) -> Path:
             stage.update(reference=read_json(out / REFERENCE_INFO))
             log(f"famex dpo: {len(train_pairs)} training pairs, {len(val_pairs)} held out; {iters} steps of {global_batch} "
                 f"pairs at lr {lr:g}, beta {cfg.beta:g}")
-        model = load_model(cfg.model, attn_implementation=resolve_attn(cfg.attn, d.device, training=True))
+        model = load_model(cfg.model)
         if model.config.vocab_size < len(tokenizer):
             raise FamexError(f"{cfg.model}: its tokenizer has {len(tokenizer)} tokens, the model only {model.config.vocab_size}")
         model.train()

@@ -31,7 +31,7 @@ from pathlib import Path
 from famex.config import add_config_arguments, compose, resolve_config
 from famex.data.packing import PackedChunks
 from famex.distill.train import DistillTask, open_store
-from famex.distill.trainer import setup_distributed, stage_on_ranks, train
+from famex.distill.trainer import begin_on_ranks, setup_distributed, stage_on_ranks, train
 from famex.errors import FamexError
 from famex.stage import Stage, read_meta, require_complete
 from famex.train_options import TRAIN_IDENTITY_EXCLUDE, DistillOptions, TrainOptions
@@ -122,11 +122,8 @@ def check_tokenizer(model_dir: str | Path, chunks: PackedChunks) -> None:
 
 def sft(cfg: SftConfig) -> Path:
     """Run the `famex sft` stage; returns the output (model) directory."""
-    import torch.distributed as dist
+    from famex.models import build_student, save_model
 
-    from famex.models import build_student, resolve_attn, resolve_device, save_model
-
-    resolve_device(cfg.device)  # a clear error for --device cuda without CUDA
     d = setup_distributed(cfg.device)
     out = Path(cfg.out)
     require_complete(cfg.data, "data", "chat data directory")
@@ -148,17 +145,13 @@ def sft(cfg: SftConfig) -> Path:
     inputs = {"model": cfg.model, "data": cfg.data, "logits": cfg.store, "val_logits": cfg.val_logits or None}
     stage = Stage(out, "sft", cfg, inputs, identity_exclude=TRAIN_IDENTITY_EXCLUDE)
     extra = {"iters": iters, "lr": lr, "lr_source": lr_source, "global_batch": global_batch}
-    done = stage.begin(extra=extra) if d.main else False
-    if d.world > 1:
-        flag = [done]
-        dist.broadcast_object_list(flag, src=0)
-        done = flag[0]
+    done = begin_on_ranks(stage, d, extra)
     if done:
         return out
     with stage_on_ranks(stage, d) as finish:
         if d.main:
             log(f"famex sft: {iters} steps of {global_batch} × {chunks.seq_len} tokens at lr {lr:g} ({lr_source})")
-        model = build_student(cfg.model, chunks.vocab_size, attn_implementation=resolve_attn(cfg.attn, d.device, training=True))
+        model = build_student(cfg.model, chunks.vocab_size)
         task = DistillTask(chunks, store, seed=cfg.seed, kl_weight=cfg.kl_weight if store is not None else 0.0,
                            temperature=cfg.temperature, tail=cfg.tail, val_chunks=val, val_store=val_store)
         result = train(model, task, cfg, iters=iters, lr=lr, global_batch=global_batch, d=d,

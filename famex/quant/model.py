@@ -24,6 +24,8 @@ export runtime formats.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import time
 from collections.abc import Iterable, Mapping
@@ -178,6 +180,8 @@ def _output_name(model: nn.Module) -> str | None:
 
 
 def _activation_hook(module: nn.Module, args: tuple, *, fmt: QuantFormat, input_global_scale: torch.Tensor | None):
+    if input_global_scale is not None and input_global_scale.device != args[0].device:
+        input_global_scale = input_global_scale.to(args[0].device)
     return (quantize_activation(args[0], fmt, input_global_scale), *args[1:])
 
 
@@ -329,29 +333,72 @@ def _quantize_group(model, names, fmt, method, stats: _InputStats | None, gptq_k
     return dict(zip(names, qps))
 
 
-def _sequential(model, blocks, by_block, fmt, method, batches, act_names, gptq_kw, result: QuantResult) -> None:
-    """Block by block: collect linear-input statistics, quantize, pass the batches through the quantized block."""
-    inputs = _capture_block_inputs(model, blocks[0], batches)
+def _to(obj: Any, device: torch.device | None) -> Any:
+    """Tensors of nested tuples / lists / dicts moved to ``device`` (None: as they are)."""
+    if device is None:
+        return obj
+    if torch.is_tensor(obj):
+        return obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to(x, device) for x in obj)
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+def _qparams_to_cpu(qparams: Mapping[str, QParams]) -> dict[str, QParams]:
+    return {name: dataclasses.replace(qp, **{f.name: getattr(qp, f.name).cpu() for f in dataclasses.fields(qp)
+                                            if torch.is_tensor(getattr(qp, f.name))})
+            for name, qp in qparams.items()}
+
+
+@contextlib.contextmanager
+def _on_device(block: nn.Module, device: torch.device | None):
+    """``block`` on ``device`` while the body runs, back on the CPU afterwards (None: left where it is)."""
+    if device is None:
+        yield
+        return
+    block.to(device)
+    try:
+        yield
+    finally:
+        block.to("cpu")
+
+
+def _sequential(model, blocks, by_block, fmt, method, batches, act_names, gptq_kw, result: QuantResult,
+                device: torch.device | None = None) -> None:
+    """Block by block: collect linear-input statistics, quantize, pass the batches through the quantized block.
+
+    With ``device``, only the current block and the calibration activations live there (the
+    embedding runs where the model is): a model far larger than the device's memory quantizes.
+    """
+    inputs = [(_to(h, device), _to(kw, device)) for h, kw in _capture_block_inputs(model, blocks[0], batches)]
     for i in progress(range(len(blocks)), desc=f"{method} {fmt.name}", unit="layer"):
         t0, c0 = time.perf_counter(), time.process_time()
-        block = blocks[i]
-        groups = shared_input_groups(by_block[i])
-        stats = {group[0]: _InputStats(hessian=method == "gptq") for group in groups}
-        handles = [model.get_submodule(name).register_forward_pre_hook(hook) for name, hook in stats.items()]
-        try:
-            for hidden, kwargs in inputs:
-                block(hidden, **kwargs)
-        finally:
-            for h in handles:
-                h.remove()
-        for group in groups:
-            result.qparams.update(_quantize_group(model, group, fmt, method, stats.pop(group[0]), gptq_kw))
-        attach_activation_quant(model, fmt, result.qparams, [n for n in by_block[i] if n in act_names])
-        for j, (hidden, kwargs) in enumerate(inputs):
-            out = block(hidden, **kwargs)
-            inputs[j] = (out[0] if isinstance(out, tuple) else out, kwargs)
+        with _on_device(blocks[i], device):
+            _sequential_block(model, blocks[i], by_block[i], fmt, method, inputs, act_names, gptq_kw, result, device)
         result.layer_seconds.append(time.perf_counter() - t0)
         result.layer_cpu_seconds.append(time.process_time() - c0)
+
+
+def _sequential_block(model, block, names, fmt, method, inputs, act_names, gptq_kw, result: QuantResult, device) -> None:
+    """One block of `_sequential`: statistics, quantization, then ``inputs`` replaced by its outputs."""
+    groups = shared_input_groups(names)
+    stats = {group[0]: _InputStats(hessian=method == "gptq") for group in groups}
+    handles = [model.get_submodule(name).register_forward_pre_hook(hook) for name, hook in stats.items()]
+    try:
+        for hidden, kwargs in inputs:
+            block(hidden, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    for group in groups:
+        qps = _quantize_group(model, group, fmt, method, stats.pop(group[0]), gptq_kw)
+        result.qparams.update(_qparams_to_cpu(qps) if device is not None else qps)
+    attach_activation_quant(model, fmt, result.qparams, [n for n in names if n in act_names])
+    for j, (hidden, kwargs) in enumerate(inputs):
+        out = block(hidden, **kwargs)
+        inputs[j] = (out[0] if isinstance(out, tuple) else out, kwargs)
 
 
 def quantize_model(
@@ -367,17 +414,23 @@ def quantize_model(
     damp: float = 0.01,
     act_order: bool = False,
     static_groups: bool = True,
+    device: torch.device | str | None = None,
 ) -> QuantResult:
     """Quantize ``model`` in place with ``method`` (``rtn`` or ``gptq``) to ``fmt``.
 
     ``calib``: calibration batches (needed by GPTQ and by NVFP4 W4A4's activation scales).
     ``norm_fusion``: equalize input-column norms into the RMSNorms first (`fuse_norms`).
     ``embeddings`` / ``lm_head``: quantize those too (RTN). The GPTQ options go to `gptq_quantize`.
+    ``device``: where each decoder block is quantized (GPTQ's Hessians and solves included), one
+    block at a time, the model itself staying on the CPU; None or the model's own device: in place.
     Afterwards the model computes what the runtime computes: on-grid weights, and quantized
     activations (forward hooks) for W+A formats; its config carries `QUANT_MARKER`. Returns a
     `QuantResult`: hand ``result.qparams`` and ``**result.info()`` to `save_quantized`.
     """
     fmt = parse_format(fmt)
+    device = torch.device(device) if device is not None else None
+    if device is not None and device == next(model.parameters()).device:
+        device = None  # already there: nothing to move
     if method not in METHODS:
         raise FamexError(f"unknown quantization method {method!r}; choose one of {', '.join(METHODS)} (QAD is its own stage)")
     refuse_quantized(model)
@@ -417,12 +470,14 @@ def quantize_model(
     with torch.no_grad():
         if needs_calib:
             result.calib_tokens = sum(int(b["input_ids"].numel()) for b in batches)
-            _sequential(model, blocks, by_block, fmt, method, batches, act_names, gptq_kw, result)
+            _sequential(model, blocks, by_block, fmt, method, batches, act_names, gptq_kw, result, device)
         else:
             for i in progress(range(len(blocks)), desc=f"{method} {fmt.name}", unit="layer"):
                 t0, c0 = time.perf_counter(), time.process_time()
-                for group in shared_input_groups(by_block[i]):
-                    result.qparams.update(_quantize_group(model, group, fmt, method, None, gptq_kw))
+                with _on_device(blocks[i], device):
+                    for group in shared_input_groups(by_block[i]):
+                        qps = _quantize_group(model, group, fmt, method, None, gptq_kw)
+                        result.qparams.update(_qparams_to_cpu(qps) if device is not None else qps)
                 result.layer_seconds.append(time.perf_counter() - t0)
                 result.layer_cpu_seconds.append(time.process_time() - c0)
             attach_activation_quant(model, fmt, result.qparams, act_names)

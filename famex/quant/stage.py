@@ -333,8 +333,11 @@ def _quantize_ptq(cfg: QuantizeConfig) -> Path:
             raise FamexError(f"vocab size mismatch: model {cfg.model} has {model.config.vocab_size}, calibration data "
                              f"{chunks.vocab_size} — calibrate on data tokenized with the model's tokenizer")
         kw = gptq_options(cfg) if cfg.method == "gptq" else {}
+        from famex.models import resolve_device
+
+        # RTN / GPTQ: each decoder block on the device in turn (auto = CUDA when present), the model on the CPU.
         result = quantize_model(model, fmt, cfg.method, calib, norm_fusion=cfg.norm_fusion, embeddings=cfg.embeddings,
-                                lm_head=cfg.lm_head, **kw)
+                                lm_head=cfg.lm_head, device=resolve_device(cfg.device), **kw)
         write_quantized(out, model, tokenizer, fmt, result.qparams, cfg.method, result.info())
         metrics = {"seconds": result.seconds, "cpu_seconds": result.cpu_seconds, "calib_tokens": result.calib_tokens,
                    **size_metrics(model, fmt, result.qparams)}
@@ -350,11 +353,9 @@ def _quantize_ptq(cfg: QuantizeConfig) -> Path:
 
 def _quantize_qad(cfg: QuantizeConfig) -> Path:
     """The ``famex quantize --method qad`` stage (single process or torchrun DDP); returns ``cfg.out``."""
-    import torch.distributed as dist
-
     from famex.data.packing import PackedChunks
     from famex.distill.train import DistillTask, open_store, validate_chunks
-    from famex.distill.trainer import checkpoint_dirs, setup_distributed, stage_on_ranks, train
+    from famex.distill.trainer import begin_on_ranks, checkpoint_dirs, setup_distributed, stage_on_ranks, train
     from famex.models import load_model
     from famex.quant.qad import attach_fake_quant, check_ste, init_quantization, placeholder_qparams, snap_to_grid
     from famex.stage import Stage, read_meta, require_complete
@@ -383,17 +384,11 @@ def _quantize_qad(cfg: QuantizeConfig) -> Path:
     extra = {"iters": iters, "lr": lr, "global_batch": global_batch}
     if old.get("start"):
         extra["start"] = old["start"]  # the RTN / GPTQ start's validation, measured once by the first attempt
-    done = stage.begin(extra=extra) if d.main else False
-    if d.world > 1:
-        flag = [done]
-        dist.broadcast_object_list(flag, src=0)
-        done = flag[0]
+    done = begin_on_ranks(stage, d, extra)
     if done:
         return out
     with stage_on_ranks(stage, d) as finish:
-        from famex.models import resolve_attn
-
-        model = load_model(spec, attn_implementation=resolve_attn(cfg.attn, d.device, training=True))
+        model = load_model(spec)
         if model.config.vocab_size != chunks.vocab_size:
             raise FamexError(f"vocab size mismatch: model {cfg.model} has {model.config.vocab_size}, data {chunks.vocab_size} — "
                              "the model must share the teacher's tokenizer")

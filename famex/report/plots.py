@@ -178,13 +178,18 @@ def _front_labels(xs: list[float], ys: list[float]) -> dict[tuple[float, float],
     return {pos: ",".join(map(str, nums)) for pos, nums in groups.items()}
 
 
+#: The standard error field drawn as an error bar for each quality metric.
+ERROR_KEYS = {"val_loss": "val_loss_se", "fewshot_avg": "fewshot_avg_stderr"}
+
+
 def pareto_plot(rows: list[dict[str, Any]], front_rows: list[dict[str, Any]], cost_key: str, quality_key: str,
                 higher_is_better: bool, title: str, path: Path, dpi: int = DPI) -> Path:
     """Every placed variant (color = family member, marker = format), the front as a highlighted staircase.
 
     The staircase reads "the best quality reachable at this cost": it steps at each front point.
     Front points carry their number in ``front_rows`` (1-based), which the report's table lists.
-    The x axis is logarithmic when the largest cost is more than 5× the smallest.
+    The x axis is logarithmic when the largest cost is more than 5× the smallest. Points carry
+    ± one standard error where the rows have one (`ERROR_KEYS`); the front itself uses the means.
     """
     placed = [r for r in rows if r.get(cost_key) is not None and r.get(quality_key) is not None]
     costs = [float(r[cost_key]) for r in placed]
@@ -208,7 +213,12 @@ def pareto_plot(rows: list[dict[str, Any]], front_rows: list[dict[str, Any]], co
     ax = fig.subplots()
     for r in placed:
         hit = id(r) in on_front
-        ax.scatter(float(r[cost_key]) / scale, float(r[quality_key]) * yscale, s=70 if hit else 40,
+        x, y = float(r[cost_key]) / scale, float(r[quality_key]) * yscale
+        se = r.get(ERROR_KEYS.get(quality_key, ""))
+        if _is_number(se):  # ± one standard error (val loss: over chunks; accuracy: lm-eval's stderr)
+            ax.errorbar(x, y, yerr=float(se) * yscale, fmt="none", ecolor=color[str(r["model"])], elinewidth=1,
+                        capsize=2, alpha=0.8, zorder=1.5)
+        ax.scatter(x, y, s=70 if hit else 40,
                    marker=marker[str(r.get("format"))], color=color[str(r["model"])], alpha=1.0 if hit else 0.55,
                    edgecolors="black" if hit else "none", linewidths=1.2, zorder=3 if hit else 2)
     fx = [float(r[cost_key]) / scale for r in front_rows]

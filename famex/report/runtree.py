@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from famex.report.pareto import pareto_mask
+from famex.utils import read_json
 
 COMPLETE = "complete"
 QUANT_STAGES = ("quantize",)
@@ -291,8 +292,8 @@ def eval_row(tree: RunTree, ev: StageDir) -> dict[str, Any]:
     row: dict[str, Any] = {"model": name}
     for key in ("kind", "objective", "format", "method", "norm_fusion", "weight_averaging"):
         row[key] = m[key] if m.get(key) is not None else inferred.get(key)
-    for key in ("val_loss", "fewshot_avg", "recovery", "size_bytes", "bits_per_weight", "params",
-                "flops_per_token", "tokens_per_s"):
+    for key in ("val_loss", "val_loss_se", "fewshot_avg", "fewshot_avg_stderr", "recovery", "size_bytes", "bits_per_weight",
+                "params", "flops_per_token", "tokens_per_s"):
         row[key] = _number(m.get(key))
     row["on_pareto"] = None
     row["path"] = tree.normalize(model_path)
@@ -301,6 +302,7 @@ def eval_row(tree: RunTree, ev: StageDir) -> dict[str, Any]:
     row["source_stage"] = hit[0].stage if hit else None
     row["reference"] = reference
     row["val_loss_increase"] = None
+    row["val_loss_increase_se"] = None
     row["eval_dir"] = str(ev.path)
     return row
 
@@ -332,8 +334,34 @@ def attach_references(rows: list[dict[str, Any]]) -> None:
         r["reference"] = ref.get("path")
         if r.get("val_loss") is not None and ref.get("val_loss") is not None:
             r["val_loss_increase"] = r["val_loss"] - ref["val_loss"]
+            r["val_loss_increase_se"] = paired_se(r.get("eval_dir"), ref.get("eval_dir"))
         if r.get("recovery") is None and r.get("fewshot_avg") is not None and ref.get("fewshot_avg"):
             r["recovery"] = 100.0 * r["fewshot_avg"] / ref["fewshot_avg"]
+
+
+#: A difference smaller than this many standard errors is reported as within noise.
+NOISE_SE = 2.0
+
+
+def paired_se(eval_a: str | None, eval_b: str | None) -> float | None:
+    """Standard error of val_loss(a) − val_loss(b), paired over the chunks both evaluations scored
+    (their val_chunks.json: the same chunks and token counts); None where either lacks the file."""
+    from famex.eval.stage import VAL_CHUNKS_FILE, ratio_se
+
+    try:
+        a, b = (read_json(Path(e) / VAL_CHUNKS_FILE) for e in (eval_a, eval_b))
+    except (TypeError, OSError, ValueError):
+        return None
+    if a.get("tokens") != b.get("tokens") or len(a.get("ce_sum", [])) != len(b.get("ce_sum", [])):
+        return None
+    return ratio_se([x - y for x, y in zip(a["ce_sum"], b["ce_sum"])], a["tokens"])
+
+
+def within_noise(diff: float | None, se: float | None) -> bool | None:
+    """Whether ``|diff| < NOISE_SE · se`` (None when either is unknown)."""
+    if diff is None or se is None:
+        return None
+    return bool(abs(diff) < NOISE_SE * se)
 
 
 def mark_pareto(rows: list[dict[str, Any]], cost_key: str) -> None:

@@ -14,7 +14,8 @@ Writes, into one directory built under a temporary name and renamed when complet
   ``objective``, ``format``, ``method``, ``norm_fusion``, ``weight_averaging``, ``val_loss``,
   ``fewshot_avg``, ``recovery``, ``size_bytes``, ``bits_per_weight``, ``on_pareto``, ``path``
   (plus ``variant``, ``source_stage``, ``reference``, ``val_loss_increase``, ``params``,
-  ``flops_per_token``, ``tokens_per_s``, ``eval_dir``);
+  ``flops_per_token``, ``tokens_per_s``, ``eval_dir``, and the standard errors ``val_loss_se``,
+  ``val_loss_increase_se`` (paired over chunks), ``fewshot_avg_stderr``);
 - ``meta.json`` (stage contract: its inputs are the complete stage directories it read) and
   ``metrics.json`` (sections written, sections skipped and why).
 

@@ -46,6 +46,26 @@ def fmt_signed(v: float | None, digits: int = 3) -> str:
     return "–" if v is None else f"{v:+.{digits}f}"
 
 
+def fmt_se(v: float | None, se: float | None, digits: int = 3, signed: bool = False) -> str:
+    """``v ± se`` (``v`` alone where the s.e. is unknown)."""
+    if v is None:
+        return "–"
+    text = fmt_signed(v, digits) if signed else fmt(v, digits)
+    return text if se is None else f"{text} ± {se:.{digits}f}"
+
+
+def fmt_diff(v: float | None, se: float | None, digits: int = 3) -> str:
+    """A paired difference ± its s.e., marked *within noise* when smaller than `NOISE_SE` s.e."""
+    from famex.report.runtree import NOISE_SE, within_noise
+
+    text = fmt_se(v, se, digits, signed=True)
+    if within_noise(v, se):
+        return f"{text} (within noise)"
+    if v is not None and se:
+        return f"{text} ({abs(v) / se:.0f} s.e.)" if abs(v) >= NOISE_SE * se else text
+    return text
+
+
 def fmt_pct(fraction: float | None, digits: int = 1) -> str:
     """A fraction in [0, 1] as a percentage."""
     return "–" if fraction is None else f"{100 * fraction:.{digits}f}%"
@@ -116,7 +136,8 @@ def summary_table(rows: list[dict[str, Any]]) -> str:
     body = [[
         r["model"], r.get("kind") or "–", r.get("objective") or "–", r.get("format") or "–",
         method_label(r.get("method"), r.get("norm_fusion")), fmt(bool(r.get("weight_averaging"))),
-        fmt(r.get("val_loss")), fmt_signed(r.get("val_loss_increase")), fmt_pct(r.get("fewshot_avg")),
+        fmt_se(r.get("val_loss"), r.get("val_loss_se")), fmt_diff(r.get("val_loss_increase"), r.get("val_loss_increase_se")),
+        fmt_pct(r.get("fewshot_avg")),
         fmt_percent(r.get("recovery")), fmt_bytes(r.get("size_bytes")), fmt(r.get("bits_per_weight"), 2),
         {True: "**yes**", False: "no", None: "–"}[r.get("on_pareto")],
     ] for r in rows]
@@ -194,14 +215,27 @@ def ablation_table(formats: dict[str, dict[tuple[str, bool], dict]]) -> str:
                 continue
             parts = []
             if r.get("val_loss_increase") is not None:
-                parts.append(fmt_signed(r["val_loss_increase"]))
+                parts.append(fmt_se(r["val_loss_increase"], r.get("val_loss_increase_se"), signed=True))
             if r.get("recovery") is not None:
                 parts.append(fmt_percent(r["recovery"]))
             text = " / ".join(parts) or "–"
             line.append(f"**{text}**" if col in best else text)
-        line.append(", ".join(method_label(*k) for k in best) or "–")
+        line.append((", ".join(method_label(*k) for k in best) or "–") + _margin(cells, best))
         body.append(line)
     return md_table(["format", "bits/weight", *(method_label(m, nf) for m, nf in cols), "best"], body)
+
+
+def _margin(cells: dict[tuple[str, bool], dict], best: list) -> str:
+    """How far the best cell is ahead of the next one by Δ val loss, paired over the same chunks."""
+    from famex.report.runtree import paired_se
+
+    ranked = sorted((r["val_loss_increase"], k) for k, r in cells.items() if r.get("val_loss_increase") is not None)
+    if len(best) != 1 or len(ranked) < 2:
+        return ""
+    first, second = cells[ranked[0][1]], cells[ranked[1][1]]
+    diff = second["val_loss_increase"] - first["val_loss_increase"]
+    se = paired_se(second.get("eval_dir"), first.get("eval_dir"))
+    return f" (next {method_label(*ranked[1][1])}: {fmt_diff(diff, se)})"
 
 
 # ---------------------------------------------------------------- weight averaging (Fig. 5)

@@ -8,7 +8,8 @@ stages' command-line options, with underscores), plus the names that tie them to
     [data]       famex data options (demo = true builds the offline demo corpus)
     [logits]     famex logits options; val = true also stores the teacher over the val split
     [distill]    famex distill options shared by every student
-    [[student]]  name, preset (or model = DIR), objective = "kd" | "ce", and any famex distill option
+    [[student]]  name, preset (or model = DIR, or prune = {famex prune options}: cut from the teacher),
+                 objective = "kd" | "ce", and any famex distill option
     [sft] [dpo]  students = [...], data = "demo" | [paths], and their stage options
     [quantize]   options shared by every variant; [quantize.rtn] / [quantize.gptq] / [quantize.qad]
                  options per method; [[quantize.matrix]] entries: models = ["s", "m:instruct"],
@@ -50,6 +51,7 @@ from famex.utils import log
 STAGE_MODULES: dict[str, str] = {
     "data": "famex.data.prepare",
     "logits": "famex.teacher.generate",
+    "prune": "famex.prune.stage",
     "distill": "famex.distill.train",
     "sft": "famex.posttrain.sft",
     "dpo": "famex.posttrain.dpo",
@@ -176,14 +178,24 @@ def load_recipe(path: str | Path, out: str | None = None) -> Recipe:
         sname = st.pop("name", None)
         if not sname:
             raise FamexError(f"{where}: [[student]] #{i + 1} has no name")
+        prune = st.pop("prune", None)
         preset = st.pop("preset", None) or st.pop("model", None)
+        if prune is not None:
+            # Initialised from the teacher (famex prune): the pruned directory is the student to distil.
+            if preset or not isinstance(prune, dict):
+                raise FamexError(f"{where}: [[student]] {sname!r}: prune = {{layers = N, ...}} (the famex prune options) "
+                                 "replaces preset / model; give one of them")
+            pnode = add(Node(f"prune-{sname}", "prune", {**prune, "teacher": teacher["model"], "data": data_dir,
+                                                         "out": str(root / f"prune-{sname}")}, ["data"], {"student": sname}))
+            preset = pnode.config["out"]
         if not preset:
-            raise FamexError(f"{where}: [[student]] {sname!r} needs preset = NAME (famex info --list) or model = DIR")
+            raise FamexError(f"{where}: [[student]] {sname!r} needs preset = NAME (famex info --list), model = DIR "
+                             "or prune = {...} (cut from the teacher)")
         objective = st.pop("objective", "kd")
         if objective not in ("kd", "ce"):
             raise FamexError(f"{where}: [[student]] {sname!r} objective must be \"kd\" or \"ce\", not {objective!r}")
         config = {**shared, **st, "student": preset, "data": data_dir, "out": str(root / f"distill-{sname}")}
-        deps = ["data"]
+        deps = ["data"] + ([f"prune-{sname}"] if prune is not None else [])
         if objective == "kd":
             config["logits"] = store_nodes["train"].config["out"]
             deps.append("logits-train")

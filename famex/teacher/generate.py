@@ -2,7 +2,7 @@
 
 The teacher sees exactly the chunks the trainer will see (`famex.data.packing.PackedChunks`:
 packed documents, attention masked across documents, positions restarting per document), in the
-store order fixed by `chunk_permutation(n_chunks, seed)`. Per position it keeps the top-k ids and
+store order fixed by `ChunkOrder(n_chunks, seed)` (computed per position, never held whole). Per position it keeps the top-k ids and
 probabilities of ``softmax(logits / temperature)`` and the mass left out, and hands whole shards to
 encoder threads, which encode, compress and write them while the teacher runs on.
 
@@ -73,10 +73,10 @@ class LogitsConfig:
     """Encoder threads (top-k encoding and compression overlap the teacher forward)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where the teacher runs; auto = CUDA when available (one GPU per rank under torchrun)."""
-    attn: Literal["auto", "sdpa", "flex", "flash_attention_2"] = "auto"
-    """Attention kernel for packed documents: auto = flex (document block mask, no T×T mask) on CUDA, sdpa on CPU."""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """Teacher weights and activations; auto = bfloat16 on CUDA, float32 on CPU. Softmax is fp32."""
+    attn: Literal["auto", "sdpa", "flex", "flash_attention_2"] = "auto"
+    """Attention kernel for packed documents: auto = flex (document BlockMask, no T×T mask) on CUDA, sdpa on CPU."""
 
     def validate(self) -> None:
         if not self.data:
@@ -128,8 +128,7 @@ def main(args: argparse.Namespace) -> int:
 # --- the maths -------------------------------------------------------------------------------
 
 
-def topk_of_logits(logits: torch.Tensor, k: int, temperature: float = 1.0, rows: int | None = None,
-                   sync_free: bool | None = None):
+def topk_of_logits(logits: torch.Tensor, k: int, temperature: float = 1.0, rows: int = 16, sync_free: bool | None = None):
     """Top-k ids, probabilities and left-out mass of ``softmax(logits / temperature)`` per row.
 
     ``logits`` [N, V] (any float dtype; computed in fp32). Rows are processed ``rows`` at a time:
@@ -140,13 +139,13 @@ def topk_of_logits(logits: torch.Tensor, k: int, temperature: float = 1.0, rows:
     `_SMALL_MASS` left, whose ``1 - sum`` fp32 cannot resolve, it is summed from the ids outside
     the top-k instead. Returns ids int64 [N, k], probs fp32 [N, k], mass_left fp32 [N].
 
-    ``sync_free`` (default: on every device but the CPU) computes that exact tail for every row and
-    keeps it where needed (``torch.where``) instead of selecting the rows (``nonzero``), so a GPU
-    never waits on the host inside the loop; blocks are then 256 rows (default ``rows``), not 16.
+    On CUDA (or with ``sync_free``) the blocks are `_GPU_ROWS` rows and the small-mass rows are
+    chosen with ``torch.where`` over a mass summed for every row: no ``.nonzero()`` / ``len()``, so
+    the host never waits on the device inside the loop (the extra pass over the vocabulary is cheap
+    next to the teacher's forward there; on CPU the per-row branch is the faster one).
     """
-    if sync_free is None:
-        sync_free = logits.device.type != "cpu"
-    rows = rows or (256 if sync_free else 16)
+    sync_free = logits.is_cuda if sync_free is None else sync_free
+    rows = max(rows, _GPU_ROWS) if sync_free else rows
     ids, probs, mass = [], [], []
     for z in logits.split(rows):
         z = z.float()
@@ -155,8 +154,8 @@ def topk_of_logits(logits: torch.Tensor, k: int, temperature: float = 1.0, rows:
         p = top.exp()
         m = (1.0 - p.double().sum(-1)).clamp_min(0.0)
         if sync_free:
-            rest = logp.scatter(-1, idx, float("-inf"))
-            m = torch.where(m < _SMALL_MASS, torch.logsumexp(rest, dim=-1).exp().double(), m)
+            rest = torch.logsumexp(logp.scatter(-1, idx, float("-inf")), dim=-1).exp().double()
+            m = torch.where(m < _SMALL_MASS, rest, m)
         elif len(small := (m < _SMALL_MASS).nonzero().squeeze(1)):
             rest = logp[small].scatter_(-1, idx[small], float("-inf"))
             m[small] = torch.logsumexp(rest, dim=-1).exp().double()
@@ -168,6 +167,8 @@ def topk_of_logits(logits: torch.Tensor, k: int, temperature: float = 1.0, rows:
 
 # Below this left-out mass, 1 - sum(top-k) in fp32 is off by more than ~0.1% (absolute error ~1e-6).
 _SMALL_MASS = 1e-3
+# Rows per block on the device: 1024 × 131k fp32 is 0.5 GB of temporaries at the Apertus vocabulary.
+_GPU_ROWS = 1024
 
 
 # --- the stage -------------------------------------------------------------------------------
@@ -245,6 +246,7 @@ def _generate(cfg: LogitsConfig, d: Dist) -> Path:
             all_entries = [e for g in gathered for e in g[0].values()]
             manifest = store.write_manifest(out, params, permutation, all_entries)
             metrics = _metrics(manifest, sum(g[1] for g in gathered), max(g[2] for g in gathered), sum(g[3] for g in gathered))
+            metrics.update(precision_kl(model, chunks, permutation, V=chunks.vocab_size, device=d.device))
             stage.finish(metrics, store_id=params["store_id"])
             log(
                 f"famex logits: {manifest['tokens']:,} tokens in {len(all_entries)} shards, "
@@ -315,10 +317,11 @@ def _store_params(cfg: LogitsConfig, chunks, spec, stage: Stage, dtype: torch.dt
     return params
 
 
-def _permutation(n: int, seed: int) -> np.ndarray:
-    from famex.data.packing import chunk_permutation
+def _permutation(n: int, seed: int):
+    """The store order, computed per position (`ChunkOrder`): no rank holds the n chunk indices."""
+    from famex.data.packing import ChunkOrder
 
-    return np.asarray(chunk_permutation(n, seed), dtype=np.int64)
+    return ChunkOrder(n, seed)
 
 
 def _remove_partial_shards(out: Path, mine: list[int]) -> None:
@@ -357,7 +360,8 @@ def _run(model, chunks, permutation, plan, todo, params, cfg: LogitsConfig, d: D
                 # Batches never cross a shard: a resumed run forms the same batches as a fresh one.
                 for b in range(start, stop, cfg.batch_size):
                     positions = range(b, min(b + cfg.batch_size, stop))
-                    batch = collate([chunks[int(permutation[p])] for p in positions])
+                    data_index = permutation[np.arange(positions.start, positions.stop)]
+                    batch = collate([chunks[int(i)] for i in data_index])
                     with torch.inference_mode():
                         inputs = {key: v.to(d.device) for key, v in model_inputs(batch, impl).items()}
                         logits = model(**inputs).logits[..., :V]
@@ -365,9 +369,9 @@ def _run(model, chunks, permutation, plan, todo, params, cfg: LogitsConfig, d: D
                     ids = ids.view(len(positions), T, k).to("cpu", torch.int32).numpy()
                     probs = probs.view(len(positions), T, k).cpu().numpy()
                     mass = mass.view(len(positions), T).cpu().numpy()
-                    for j, p in enumerate(positions):
+                    for j in range(len(positions)):
                         shard_chunks.append(
-                            store.ChunkLogits(int(permutation[p]), batch["input_ids"][j].numpy(), ids[j], probs[j], mass[j])
+                            store.ChunkLogits(int(data_index[j]), batch["input_ids"][j].numpy(), ids[j], probs[j], mass[j])
                         )
                     bar.update(len(positions) * T)
                 pending.append(pool.submit(write, si, shard_chunks))
@@ -385,6 +389,36 @@ def _run(model, chunks, permutation, plan, todo, params, cfg: LogitsConfig, d: D
         finally:
             bar.close()
     return entries
+
+
+def precision_kl(model, chunks, permutation, V: int, device: torch.device, n_chunks: int = 1) -> dict[str, Any]:
+    """KL(fp32 forward ‖ the store's forward) per position over the full vocabulary, on the first
+    ``n_chunks`` chunks of the store order: the error of a bf16 teacher that the store's own
+    ``kl_decoded_vs_exact`` (decoded vs that teacher's top-k) cannot see.
+
+    Runs the model once more in its own dtype, then converts it to fp32 in place (the generation is
+    over by then) and runs it again. With an fp32 teacher (the CPU default) the KL is 0 by definition
+    and nothing runs; on a resumed run whose shards all existed there is no model: None.
+    """
+    from famex.data.packing import collate, model_inputs
+
+    if model is None:
+        return {"kl_bf16_vs_fp32_mean": None, "kl_bf16_vs_fp32_p95": None, "kl_precision_note": "no shard generated in this run"}
+    dtype = next(model.parameters()).dtype
+    if dtype == torch.float32:
+        return {"kl_bf16_vs_fp32_mean": 0.0, "kl_bf16_vs_fp32_p95": 0.0, "kl_precision_note": "the teacher ran in float32"}
+    impl = getattr(model.config, "_attn_implementation", None) or "sdpa"
+    n = min(n_chunks, len(permutation))
+    batch = collate([chunks[int(i)] for i in permutation[np.arange(n)]])
+    inputs = {key: v.to(device) for key, v in model_inputs(batch, impl).items()}
+    with torch.inference_mode():
+        low = model(**inputs).logits[..., :V].float().reshape(-1, V)
+        model.float()
+        high = model(**inputs).logits[..., :V].float().reshape(-1, V)
+        lp_high, lp_low = torch.log_softmax(high, -1), torch.log_softmax(low, -1)
+        kl = (lp_high.exp() * (lp_high - lp_low)).sum(-1).clamp_min(0).double().cpu()
+    return {"kl_bf16_vs_fp32_mean": float(kl.mean()), "kl_bf16_vs_fp32_p95": float(kl.quantile(0.95)),
+            "kl_precision_positions": int(kl.numel()), "kl_precision_dtype": str(dtype).removeprefix("torch.")}
 
 
 def _metrics(manifest: dict[str, Any], generated_tokens: int, seconds: float, cpu_seconds: float) -> dict[str, Any]:

@@ -269,14 +269,23 @@ def shard_is_complete(store_dir: str | os.PathLike, shard: int, positions: tuple
     return same and tuple(header["positions"]) == tuple(positions) and size_ok
 
 
-def write_permutation(store_dir: str | os.PathLike, permutation: np.ndarray) -> dict[str, Any]:
-    data = np.ascontiguousarray(np.asarray(permutation), dtype="<u8").tobytes()
-    atomic_write_bytes(Path(store_dir) / PERMUTATION, data)
-    return {"file": PERMUTATION, "dtype": "<u8", "count": len(permutation), "sha256": hashlib.sha256(data).hexdigest()}
+def write_permutation(store_dir: str | os.PathLike, permutation, block: int = 1 << 20) -> dict[str, Any]:
+    """Write ``permutation`` (an array, or anything indexable by an array of positions with a length,
+    such as `famex.data.packing.ChunkOrder`) block by block: memory stays flat in its length."""
+    digest = hashlib.sha256()
+
+    def pieces():
+        for lo in range(0, len(permutation), block):
+            data = np.ascontiguousarray(permutation[np.arange(lo, min(lo + block, len(permutation)))], dtype="<u8").tobytes()
+            digest.update(data)
+            yield data
+
+    atomic_write_bytes(Path(store_dir) / PERMUTATION, pieces())
+    return {"file": PERMUTATION, "dtype": "<u8", "count": len(permutation), "sha256": digest.hexdigest()}
 
 
 def write_manifest(
-    store_dir: str | os.PathLike, params: dict[str, Any], permutation: np.ndarray, shards: list[dict[str, Any]]
+    store_dir: str | os.PathLike, params: dict[str, Any], permutation, shards: list[dict[str, Any]]
 ) -> dict[str, Any]:
     """Write permutation.bin and manifest.json (last: a store with a manifest is a finished store)."""
     missing = [k for k in REQUIRED_PARAMS if k not in params]
