@@ -365,3 +365,26 @@ def test_lm_head_matmuls_bf16_under_autocast_from_real_model(grad_in_forward):
     # Same loss as an fp32 reference from bf16-rounded operands (fp32 accumulation): within bf16 noise.
     ref = distill_loss(h.detach().bfloat16().float(), head.weight.detach().bfloat16().float(), labels, ids, probs)
     assert torch.allclose(out.loss.detach(), ref.loss, rtol=1e-2)
+
+
+def test_dpo_lm_head_matmul_bf16_under_autocast_from_real_model():
+    """DPO's answer log-probs (policy, reference, validation) from the real Apertus model under bf16
+    autocast: the lm_head matmul gets bf16 operands, the log-softmax and the result stay fp32."""
+    from famex.models import build_student
+    from famex.posttrain.dpo import answer_logps
+
+    vocab = 96
+    model = build_student("tiny-apertus", vocab, seed=0)
+    g = torch.Generator().manual_seed(1)
+    labels = torch.randint(0, vocab, (2, 12), generator=g)
+    labels[:, :4] = -100
+    batch = {"input_ids": torch.randint(0, vocab, (2, 12), generator=g), "attention_mask": torch.ones(2, 12, dtype=torch.long),
+             "labels": labels}
+    rec = _MatmulDtypes(vocab)
+    with torch.autocast("cpu", dtype=torch.bfloat16), rec:
+        logps, counts = answer_logps(model, batch, chunk_tokens=8)
+    assert rec.seen and all(d == torch.bfloat16 for dts in rec.seen for d in dts), rec.seen
+    assert logps.dtype == torch.float32 and counts.tolist() == [8, 8]
+    with torch.no_grad():
+        ref, _ = answer_logps(model, batch)
+    assert torch.allclose(logps.detach(), ref, rtol=2e-2)

@@ -104,3 +104,28 @@ def test_saved_checkpoints_are_readable_by_others(tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "m" / "model.safetensors").stat().st_mode & 0o777 == 0o644
+
+
+
+def test_resolve_device_on_cpu():
+    """--device: auto is the CPU here; a CUDA device that is absent, or a name torch does not know, fails with the fix named
+    (resolve_attn is tested in test_packing.py)."""
+    from famex.models import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    if not torch.cuda.is_available():
+        assert resolve_device("auto") == torch.device("cpu")
+        with pytest.raises(FamexError, match="no CUDA device.*--device cpu"):
+            resolve_device("cuda")
+    with pytest.raises(FamexError, match="unknown device"):
+        resolve_device("tpu7")
+
+def test_every_model_stage_has_the_attn_option():
+    from famex.distill.train import DistillConfig
+    from famex.posttrain.dpo import DpoConfig
+    from famex.posttrain.sft import SftConfig
+    from famex.quant.stage import QuantizeConfig
+    from famex.teacher.generate import LogitsConfig
+
+    for cls in (DistillConfig, SftConfig, DpoConfig, QuantizeConfig, LogitsConfig):
+        assert cls().attn == "auto", cls
