@@ -106,7 +106,6 @@ def test_saved_checkpoints_are_readable_by_others(tmp_path):
     assert (tmp_path / "m" / "model.safetensors").stat().st_mode & 0o777 == 0o644
 
 
-
 def test_resolve_device_on_cpu():
     """--device: auto is the CPU here; a CUDA device that is absent, or a name torch does not know, fails with the fix named
     (resolve_attn is tested in test_packing.py)."""
@@ -119,6 +118,7 @@ def test_resolve_device_on_cpu():
             resolve_device("cuda")
     with pytest.raises(FamexError, match="unknown device"):
         resolve_device("tpu7")
+
 
 def test_every_model_stage_has_the_attn_option():
     from famex.distill.train import DistillConfig
