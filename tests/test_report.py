@@ -489,7 +489,7 @@ def test_paired_differences_carry_their_standard_error_and_noise_marks(tmp_path)
     worse on every chunk by far more than the spread is not."""
     import numpy as np
 
-    from famex.report.runtree import paired_se, within_noise
+    from famex.eval.stats import paired_se, within_noise
     from famex.report.tables import fmt_diff
     from famex.utils import atomic_write_json
 

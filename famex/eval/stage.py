@@ -37,10 +37,10 @@ from typing import Any, Literal
 
 from famex.config import add_config_arguments, resolve_config
 from famex.errors import FamexError
+from famex.eval.stats import VAL_CHUNKS_FILE, ratio_se
 from famex.stage import Stage, read_meta
 from famex.utils import atomic_write_json, log, progress, read_json
 
-VAL_CHUNKS_FILE = "val_chunks.json"
 FLOPS_CONVENTION = "2·N per token (one forward pass, N = all parameters incl. embeddings; the paper's Table 2 counts N)"
 
 
@@ -301,17 +301,6 @@ def validation_loss(model, data_dir: str | Path, split: str = "val", max_chunks:
         raise FamexError(f"{data_dir}: the {split} split's first {n} chunk(s) hold no token to predict (all labels masked)")
     return {"val_loss": sum(sums) / tokens, "val_loss_se": ratio_se(sums, counts), "val_tokens": tokens, "val_chunks": n,
             "val_chunk_ce_sums": sums, "val_chunk_tokens": counts}
-
-
-def ratio_se(sums: list[float], counts: list[int]) -> float | None:
-    """Standard error of ``Σ sums / Σ counts`` over the chunks as the sampling unit (tokens within a
-    chunk are correlated, chunks far less): the ratio estimator's
-    ``sqrt(n / (n − 1) · Σ (s_i − R·c_i)²) / Σ c_i``. None for fewer than two chunks."""
-    n, total = len(sums), sum(counts)
-    if n < 2 or total == 0:
-        return None
-    r = sum(sums) / total
-    return math.sqrt(n / (n - 1) * sum((s - r * c) ** 2 for s, c in zip(sums, counts))) / total
 
 
 def read_reference(path: str | Path) -> dict[str, Any]:

@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from famex.eval.stats import paired_se
 from famex.report.pareto import pareto_mask
 from famex.utils import read_json
 
@@ -337,31 +338,6 @@ def attach_references(rows: list[dict[str, Any]]) -> None:
             r["val_loss_increase_se"] = paired_se(r.get("eval_dir"), ref.get("eval_dir"))
         if r.get("recovery") is None and r.get("fewshot_avg") is not None and ref.get("fewshot_avg"):
             r["recovery"] = 100.0 * r["fewshot_avg"] / ref["fewshot_avg"]
-
-
-#: A difference smaller than this many standard errors is reported as within noise.
-NOISE_SE = 2.0
-
-
-def paired_se(eval_a: str | None, eval_b: str | None) -> float | None:
-    """Standard error of val_loss(a) − val_loss(b), paired over the chunks both evaluations scored
-    (their val_chunks.json: the same chunks and token counts); None where either lacks the file."""
-    from famex.eval.stage import VAL_CHUNKS_FILE, ratio_se
-
-    try:
-        a, b = (read_json(Path(e) / VAL_CHUNKS_FILE) for e in (eval_a, eval_b))
-    except (TypeError, OSError, ValueError):
-        return None
-    if a.get("tokens") != b.get("tokens") or len(a.get("ce_sum", [])) != len(b.get("ce_sum", [])):
-        return None
-    return ratio_se([x - y for x, y in zip(a["ce_sum"], b["ce_sum"])], a["tokens"])
-
-
-def within_noise(diff: float | None, se: float | None) -> bool | None:
-    """Whether ``|diff| < NOISE_SE · se`` (None when either is unknown)."""
-    if diff is None or se is None:
-        return None
-    return bool(abs(diff) < NOISE_SE * se)
 
 
 def mark_pareto(rows: list[dict[str, Any]], cost_key: str) -> None:

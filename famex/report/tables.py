@@ -56,7 +56,7 @@ def fmt_se(v: float | None, se: float | None, digits: int = 3, signed: bool = Fa
 
 def fmt_diff(v: float | None, se: float | None, digits: int = 3) -> str:
     """A paired difference ± its s.e., marked *within noise* when smaller than `NOISE_SE` s.e."""
-    from famex.report.runtree import NOISE_SE, within_noise
+    from famex.eval.stats import NOISE_SE, within_noise
 
     text = fmt_se(v, se, digits, signed=True)
     if within_noise(v, se):
@@ -227,7 +227,7 @@ def ablation_table(formats: dict[str, dict[tuple[str, bool], dict]]) -> str:
 
 def _margin(cells: dict[tuple[str, bool], dict], best: list) -> str:
     """How far the best cell is ahead of the next one by Δ val loss, paired over the same chunks."""
-    from famex.report.runtree import paired_se
+    from famex.eval.stats import paired_se
 
     ranked = sorted((r["val_loss_increase"], k) for k, r in cells.items() if r.get("val_loss_increase") is not None)
     if len(best) != 1 or len(ranked) < 2:
