@@ -157,9 +157,13 @@ def test_demo_recipe_plans(tmp_path):
     text = DEMO.read_text().replace('out = "runs/demo"', f'out = "{tmp_path / "demo"}"')  # not prepared: planned counts
     doc = cost_document(_write(tmp_path / "demo.toml", text))
     rows = {s["name"]: s for s in doc["stages"]}
-    assert set(rows) >= {"logits-train", "logits-val", "distill-s", "distill-s-ce", "distill-m"}
-    assert rows["distill-m"]["tokens"] == 40 * 8 * 256 and rows["logits-train"]["tokens"] == (114_000 - 1) // 256 * 256
+    assert set(rows) >= {"logits-train", "logits-val", "quantize-teacher-int4-gptq-nf", "quantize-teacher-int4-qad-nf"}
+    assert rows["logits-train"]["tokens"] == (72_000 - 1) // 256 * 256  # [data] max_tokens 80000, val_fraction 0.1
     assert rows["logits-train"]["params"] == 134_515_008  # the GGUF teacher, read from its header
+    assert rows["quantize-teacher-int4-qad-nf"]["params"] == 134_515_008  # the teacher is quantized too
+    assert rows["quantize-teacher-int4-qad-nf"]["tokens"] == 6 * 4 * 256
+    # Students cut from the teacher have no size until famex prune ran: said, not guessed.
+    assert "famex prune ran" in dict(doc["not_costed"])["distill-p"]
     assert doc["source"]["tokens"].startswith("[data] max_tokens")
 
 

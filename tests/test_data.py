@@ -95,6 +95,7 @@ def test_rerun_is_a_noop_and_other_args_are_refused(tmp_path, tokenizer_dir):
         run_prepare([src], out, tokenizer_dir, val_fraction=0.5)
 
 
+@pytest.mark.slow  # SIGKILL + resume, ~15-75 s on 2 cores: `make test-slow`
 def test_resume_after_sigkill_is_byte_identical(tmp_path, tokenizer_dir):
     src = write_jsonl(tmp_path / "a.jsonl", make_docs(3000, seed=1))
     args = ["--input", str(src), "--tokenizer", str(tokenizer_dir), "--workers", "1", "--segment-tokens", "2000"]

@@ -32,6 +32,7 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path / "model.safetensors"))
 
 
+@pytest.mark.slow  # SIGKILL + resume, ~15-75 s on 2 cores: `make test-slow`
 def test_kill_and_resume_gives_identical_weights(tmp_path, tiny_data):
     args = ["distill", *COMMON, "--data", str(tiny_data), "--iters", "8", "--save-every", "2", "--micro-batch", "2"]
     ref = famex(*args, "--out", str(tmp_path / "ref"))

@@ -277,3 +277,31 @@ def test_macro_average_recovery_and_flat_metrics():
     assert recovery(flat, ref)["macro"] == pytest.approx(rec["macro"])  # metrics.json form reads the same
     with pytest.raises(FamexError, match="no task in common"):
         recovery({"tasks": {"piqa": quant["tasks"]["piqa"]}}, ref)
+
+
+def test_the_average_and_the_recovery_carry_their_stderr():
+    """fewshot_avg_stderr = sqrt(Σ se²)/n over the averaged tasks (acc_norm's where it is the score);
+    recovery_se by the delta method, checked against numerical derivatives of 100·a/b."""
+    import math
+
+    from famex.eval.fewshot import flat_metrics, recovery
+
+    def results(scores):
+        return {"tasks": {t: {"acc": s - 0.05, "acc_stderr": 0.03, "acc_norm": s, "acc_norm_stderr": se, "n": 100}
+                          if t != "piqa" else {"acc": s, "acc_stderr": se, "n": 100}
+                          for t, (s, se) in scores.items()},
+                "macro_avg": sum(s for s, _ in scores.values()) / len(scores)}
+
+    mine = flat_metrics(results({"arc_easy": (0.50, 0.05), "piqa": (0.60, 0.049), "hellaswag": (0.30, 0.046)}))
+    ref = flat_metrics(results({"arc_easy": (0.55, 0.0497), "piqa": (0.62, 0.0485), "hellaswag": (0.35, 0.0477)}))
+    assert mine["fewshot_avg_stderr"] == pytest.approx(math.sqrt(0.05 ** 2 + 0.049 ** 2 + 0.046 ** 2) / 3)
+    rec = recovery(mine, ref)
+    a, b = mine["fewshot_avg"], ref["fewshot_avg"]
+    sa, sb = mine["fewshot_avg_stderr"], ref["fewshot_avg_stderr"]
+    h = 1e-6
+    da = (100 * (a + h) / b - 100 * (a - h) / b) / (2 * h)
+    db = (100 * a / (b + h) - 100 * a / (b - h)) / (2 * h)
+    assert rec["macro"] == pytest.approx(100 * a / b)
+    assert rec["macro_se"] == pytest.approx(math.hypot(da * sa, db * sb), rel=1e-5)
+    del ref["acc_stderr/piqa"]  # a task without stderr: no stderr claimed for the average
+    assert recovery(mine, ref)["macro_se"] is None

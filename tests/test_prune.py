@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -151,7 +152,9 @@ def test_prune_stage_writes_a_plain_hf_dir(tmp_path, tiny_data, tokenizer_dir):
     rnd = tmp_path / "random"
     prune(PruneConfig(**{**cfg.__dict__, "out": str(rnd), "random_init": True}))
     other = AutoModelForCausalLM.from_pretrained(rnd)
-    assert other.config.to_dict()["hidden_size"] == 48
+    shape = ("num_hidden_layers", "intermediate_size", "num_key_value_heads", "num_attention_heads", "hidden_size", "head_dim")
+    assert [getattr(other.config, k) for k in shape] == [getattr(c, k) for k in shape]
+    assert "importance" not in json.loads((rnd / "importance.json").read_text())  # no calibration pass for random weights
     assert not torch.equal(other.model.layers[0].mlp.up_proj.weight, model.model.layers[0].mlp.up_proj.weight)
 
 
@@ -166,3 +169,10 @@ def test_prune_refuses_bad_counts(tmp_path, tiny_data, tokenizer_dir):
         prune(PruneConfig(teacher=str(tmp_path / "t"), data=str(tiny_data), out=str(tmp_path / "o"), mlp=4096))
     with pytest.raises(FamexError, match="--data DATA_DIR is required"):
         prune(PruneConfig(teacher=str(tmp_path / "t"), out=str(tmp_path / "o2"), mlp=64))
+    # Llama wants hidden_size a multiple of the query heads (4 here), head_dim written out or not:
+    # refused before any calibration, naming the rule; 4 heads × 10 = 40 is accepted by the same check.
+    with pytest.raises(FamexError, match="--hidden 42 with 4 query heads: llama refuses it .* multiple of 4"):
+        prune(PruneConfig(teacher=str(tmp_path / "t"), data=str(tiny_data), out=str(tmp_path / "o3"), hidden=42))
+    from famex.stage import read_meta
+
+    assert read_meta(tmp_path / "o3")["status"] == "failed" and not (tmp_path / "o3" / "config.json").exists()

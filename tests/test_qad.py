@@ -220,6 +220,7 @@ def test_qad_beats_its_rtn_start_and_the_export_computes_the_trained_model(train
         quantize_stage(cfg)
 
 
+@pytest.mark.slow  # SIGKILL + resume, ~15-75 s on 2 cores: `make test-slow`
 def test_kill_and_resume_equals_an_uninterrupted_run(trained, tmp_path):
     # W4A4 with learned scales: the checkpoint must carry latent weights, scales, global and input scales.
     args = _qad_args(trained, "OUT", "--format", "nvfp4", "--init", "gptq", "--norm-fusion", "--learn-scales", "--iters", "8",

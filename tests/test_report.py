@@ -525,3 +525,61 @@ def test_pareto_plot_draws_each_points_standard_error(tmp_path, monkeypatch):
             {"model": "t", "format": "bf16", "size_bytes": 9e6, "val_loss": 3.0}]  # no s.e.: no bar
     path = pareto_plot(rows, rows[:2], "size_bytes", "val_loss", False, "front", tmp_path / "p.png")
     assert path.is_file() and sorted(b[2] for b in bars) == [0.05, 0.06]
+
+
+def test_pruned_vs_random_init_twins_and_qad_recovery_carry_paired_errors(tmp_path, no_figures):
+    """A family with a student pruned from the teacher, its random-init twin of the same shape and its
+    CE-only twin (sharing the prune stage), each evaluated on the same chunks, plus RTN / GPTQ / QAD of
+    the teacher at int4: the report pairs them and prints each difference ± its paired s.e. (reference:
+    the ratio estimator on per-chunk differences, computed here with numpy) and QAD's recovered fraction."""
+    import numpy as np
+
+    from famex.utils import atomic_write_json
+
+    root = tmp_path / "runs" / "demo"
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    tokens = [int(t) for t in rng.integers(200, 256, size=30)]
+    t = np.array(tokens, float)
+    base = rng.normal(4.0, 0.3, size=30) * t
+
+    def ev(dirname: str, model: Path | str, shift: float, **metrics) -> np.ndarray:
+        sums = base + rng.normal(shift, 0.02, size=30) * t
+        d = write_stage(root, f"eval-{dirname}", "eval", {"model": str(model)},
+                        {"model": str(model), "val_loss": float(sums.sum() / t.sum()), **metrics},
+                        inputs={"model": model} if isinstance(model, Path) else {})
+        atomic_write_json(d / "val_chunks.json", {"ce_sum": [float(x) for x in sums], "tokens": tokens})
+        return sums
+
+    shape = {"teacher": "default", "layers": 4, "mlp": 512}
+    pruned = write_stage(root, "prune-p", "prune", {**shape, "out": str(root / "prune-p")})
+    rand = write_stage(root, "prune-p-rand", "prune", {**shape, "random_init": True, "out": str(root / "prune-p-rand")})
+    for name, student, obj in (("distill-p", pruned, "kd"), ("distill-p-ce", pruned, "ce"), ("distill-p-rand", rand, "kd")):
+        write_stage(root, name, "distill", {"student": str(student), "logits": "x" if obj == "kd" else "none"},
+                    {"val_loss": 9.0, "params": 1000, "objective": obj}, inputs={"model": student})
+    for fmt_name, method in (("int4", "rtn"), ("int4", "gptq"), ("int4", "qad")):
+        write_stage(root, f"quantize-teacher-{fmt_name}-{method}", "quantize",
+                    {"model": "default", "format": fmt_name, "method": method, "norm_fusion": True})
+    sums = {"teacher": ev("teacher", "default", 0.0, name="teacher"),
+            "p": ev("p", root / "distill-p", 0.5), "p-ce": ev("p-ce", root / "distill-p-ce", 0.8),
+            "p-rand": ev("p-rand", root / "distill-p-rand", 2.0)}
+    for method, shift in (("rtn", 0.30), ("gptq", 0.10), ("qad", 0.04)):
+        sums[method] = ev(f"teacher-int4-{method}", root / f"quantize-teacher-int4-{method}", shift, name="teacher")
+    text = report(ReportConfig(run_dir=str(root), out=str(tmp_path / "report"))).joinpath("report.md").read_text()
+
+    def diff(a: str, b: str) -> str:
+        d = sums[a] - sums[b]
+        r = d.sum() / t.sum()
+        se = np.sqrt(len(d) / (len(d) - 1) * ((d - r * t) ** 2).sum()) / t.sum()
+        return f"{r:+.3f} ± {se:.3f} ({abs(r) / se:.0f} s.e.)"
+
+    init_line = next(line for line in text.splitlines() if "| distill-p-rand |" in line and "| distill-p |" in line)
+    assert "| KD |" in init_line and "| distill-p |" in init_line and diff("p", "p-rand") in init_line
+    twin_line = next(line for line in text.splitlines() if "| distill-p-ce |" in line and "| distill-p |" in line)
+    assert twin_line.startswith("| prune-p | distill-p |") and diff("p", "p-ce") in twin_line
+    qad_line = next(line for line in text.splitlines() if line.startswith("| int4 | yes |"))
+    gap = {m: (sums[m] - sums["teacher"]).sum() / t.sum() for m in ("rtn", "gptq", "qad")}
+    assert diff("qad", "rtn") in qad_line and diff("qad", "gptq") in qad_line
+    assert f"{100 * (gap['rtn'] - gap['qad']) / gap['rtn']:.1f}%" in qad_line
+    assert f"{100 * (gap['gptq'] - gap['qad']) / gap['gptq']:.1f}%" in qad_line
+    assert "### teacher (base)" in text  # the teacher's own ablation

@@ -151,6 +151,7 @@ def test_tiny_recipe_runs_end_to_end(reference_run):
     assert time.perf_counter() - t0 < 60
 
 
+@pytest.mark.slow  # SIGKILL + resume, ~15-75 s on 2 cores: `make test-slow`
 def test_killed_run_resumes_to_identical_outputs(assets, reference_run):
     # Same recipe file, same run directory as the uninterrupted run (stores and quantized files
     # record where their inputs were): the uninterrupted run moves aside and the killed one takes its place.
@@ -232,6 +233,7 @@ def test_dry_run_prints_plan_and_costs_without_running(tmp_path, assets):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow  # SIGKILL + resume, ~15-75 s on 2 cores: `make test-slow`
 def test_a_student_pruned_from_the_teacher_is_cut_then_distilled(tmp_path, assets):
     """[[student]] prune = {...}: famex run cuts it from the teacher (famex prune), then distils that directory."""
     from transformers import AutoConfig
@@ -256,3 +258,33 @@ def test_a_student_pruned_from_the_teacher_is_cut_then_distilled(tmp_path, asset
                        chat=None, sft=None, dpo=None, quantize=None, export=None, eval=None, report=None)
     proc = run_cli("run", str(bad), "--dry-run", "--out", str(tmp_path / "bad"))
     assert proc.returncode != 0 and "replaces preset / model" in proc.stderr
+
+
+def test_twins_share_one_prune_stage_and_the_teacher_is_quantized_against_its_own_eval(tmp_path, assets):
+    """Students with the same prune options (a CE twin) share one prune stage, a random-init one gets its
+    own; "teacher" in a quantize matrix quantizes the teacher itself (QAD from the teacher's own store)
+    and evaluates each variant as "teacher" against the teacher's evaluation."""
+    shape = "layers = 1, mlp = 32, calib_tokens = 256"
+    students = (f'name = "p"\nprune = {{ {shape} }}\n\n[[student]]\nname = "p-ce"\nobjective = "ce"\nprune = {{ {shape} }}'
+                f'\n\n[[student]]\nname = "p-rand"\nprune = {{ {shape}, random_init = true }}')
+    quantize = ("calib_tokens = 512\n\n[[quantize.matrix]]\nmodels = [\"teacher\", \"p\"]\nformats = [\"int4\"]"
+                "\nmethods = [\"rtn\", \"gptq\", \"qad\"]\nnorm_fusion = [true]")
+    recipe = load_recipe(write_recipe(tmp_path / "r.toml", assets, student=students, quantize=quantize, chat=None, sft=None,
+                                      dpo=None, export=None), out=str(tmp_path / "run"))
+    nodes = {n.name: n for n in recipe.nodes}
+    run = tmp_path / "run"
+    assert sorted(n for n in nodes if n.startswith("prune-")) == ["prune-p", "prune-p-rand"]
+    assert nodes["distill-p-ce"].config["student"] == nodes["distill-p"].config["student"] == str(run / "prune-p")
+    assert "prune-p" in nodes["distill-p-ce"].deps and nodes["prune-p-rand"].config["random_init"] is True
+    teacher = str(assets / "teacher")
+    for method in ("rtn", "gptq", "qad"):
+        q = nodes[f"quantize-teacher-int4-{method}-nf"]
+        assert q.config["model"] == teacher and not any(d.startswith("distill") for d in q.deps)
+        ev = nodes[f"eval-quantize-teacher-int4-{method}-nf"]
+        assert ev.config["name"] == "teacher" and ev.config["reference"] == str(run / "eval-teacher")
+        assert "eval-teacher" in ev.deps
+    qad = nodes["quantize-teacher-int4-qad-nf"]
+    assert qad.config["logits"] == str(run / "logits-train") and "logits-train" in qad.deps
+    assert nodes["quantize-p-int4-rtn-nf"].config["model"] == str(run / "distill-p")
+    with pytest.raises(FamexError, match="names the teacher"):
+        load_recipe(write_recipe(tmp_path / "bad.toml", assets, student='name = "teacher"\npreset = "tiny-apertus"'))

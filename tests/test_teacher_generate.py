@@ -194,6 +194,7 @@ def test_rerun_is_a_no_op_and_other_arguments_are_refused(small_data, tiny_teach
         generate(config(small_data, tiny_teacher, reference, top_k=8))
 
 
+@pytest.mark.slow  # SIGKILL + resume, ~15-75 s on 2 cores: `make test-slow`
 def test_killed_run_resumes_byte_identical(tmp_path, small_data, tiny_teacher, reference):
     out = tmp_path / "killed"
     args = [sys.executable, "-m", "famex", "logits", "--teacher", str(tiny_teacher), "--data", str(small_data),

@@ -242,7 +242,7 @@ def recipe_cost(recipe, teacher_preset: str | None = None) -> dict[str, Any]:
 
     stages: list[dict[str, Any]] = []
     students: dict[str, str] = {}
-    infos_by_out: dict[str, dict[str, Any]] = {}
+    infos_by_out: dict[str, dict[str, Any]] = {str(teacher_cfg["model"]): teacher}  # the teacher is quantized too
     not_costed: list[tuple[str, str]] = []
     store = None
     for node in recipe.nodes:

@@ -530,6 +530,27 @@ def _scores(metrics: dict[str, Any]) -> dict[str, float]:
     return scores
 
 
+def _score_stderrs(metrics: dict[str, Any]) -> dict[str, float]:
+    """Task → stderr of its macro-metric score (lm-eval's, binomial over items), from a flat metrics.json."""
+    out: dict[str, float] = {}
+    for task in _scores(metrics):
+        key = "acc_norm" if f"acc_norm/{task}" in metrics else "acc"
+        se = metrics.get(f"{key}_stderr/{task}")
+        if isinstance(se, (int, float)) and not math.isnan(se):
+            out[task] = float(se)
+    return out
+
+
+def average_stderr(metrics: dict[str, Any], tasks: list[str] | None = None) -> float | None:
+    """Stderr of the macro average over ``tasks`` (default: all scored), the tasks' items being
+    independent: ``sqrt(Σ se_t²) / n``. None when a task has no stderr."""
+    se = _score_stderrs(metrics)
+    tasks = list(_scores(metrics)) if tasks is None else tasks
+    if not tasks or any(t not in se for t in tasks):
+        return None
+    return math.sqrt(sum(se[t] ** 2 for t in tasks)) / len(tasks)
+
+
 def macro_average(results: dict[str, Any]) -> float | None:
     """Mean over tasks of each task's macro metric (acc_norm where lm-eval defines it, else acc)."""
     scores = list(_scores(results).values())
@@ -553,7 +574,14 @@ def recovery(metrics: dict[str, Any], reference_metrics: dict[str, Any]) -> dict
     per_task = {t: (100.0 * mine[t] / ref[t] if ref[t] else math.nan) for t in common}
     avg_mine = sum(mine[t] for t in common) / len(common)
     avg_ref = sum(ref[t] for t in common) / len(common)
-    return {"macro": 100.0 * avg_mine / avg_ref if avg_ref else math.nan, "tasks": per_task}
+    macro = 100.0 * avg_mine / avg_ref if avg_ref else math.nan
+    # Its stderr by the delta method, the two models' scores taken as independent (they are positively
+    # correlated on the same items, so this over-states the uncertainty rather than hiding it).
+    se_mine, se_ref = average_stderr(metrics, common), average_stderr(reference_metrics, common)
+    macro_se = None
+    if se_mine is not None and se_ref is not None and avg_ref:
+        macro_se = 100.0 * math.sqrt(se_mine ** 2 + (avg_mine / avg_ref * se_ref) ** 2) / avg_ref
+    return {"macro": macro, "macro_se": macro_se, "tasks": per_task}
 
 
 def flat_metrics(results: dict[str, Any]) -> dict[str, float]:
@@ -570,4 +598,7 @@ def flat_metrics(results: dict[str, Any]) -> dict[str, float]:
             flat[f"items_per_s/{name}"] = entry["items_per_s"]
     if results.get("macro_avg") is not None:
         flat["fewshot_avg"] = results["macro_avg"]
+        se = average_stderr(flat)
+        if se is not None:
+            flat["fewshot_avg_stderr"] = se
     return flat

@@ -339,6 +339,8 @@ def compare(metrics: dict[str, Any], reference: dict[str, Any]) -> dict[str, Any
             log(f"famex eval: warning: the reference scored other numbers of items on {', '.join(uneven)} "
                 "(another --limit?); recovery compares different item sets")
         out["recovery"] = rec["macro"]
+        if rec.get("macro_se") is not None:
+            out["recovery_se"] = rec["macro_se"]
         out.update({f"recovery/{t}": v for t, v in rec["tasks"].items()})
     if metrics.get("val_loss") is not None and isinstance(reference.get("val_loss"), (int, float)):
         out["val_loss_increase"] = metrics["val_loss"] - reference["val_loss"]

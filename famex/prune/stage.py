@@ -14,7 +14,7 @@ directory's train split (`famex.prune.importance`), then
 0 (the default) keeps a dimension whole. The output has the teacher's architecture and tokenizer
 (`AutoModelForCausalLM.from_pretrained` loads it without famex), fp32 weights, and
 ``importance.json`` with every score. ``--random-init`` writes the same shape with fresh seeded
-weights instead: the control that tells what the teacher's weights bring. `famex distill --student
+weights instead (no calibration pass): the control that tells what the teacher's weights bring. `famex distill --student
 DIR` trains either.
 
 What this module does not do: train (distillation heals the pruned model), or iterate
@@ -68,7 +68,7 @@ class PruneConfig:
             raise FamexError("--layers, --mlp, --kv-heads and --hidden are counts to keep (0 = all); none may be negative")
         if self.calib_tokens < 1:
             raise FamexError(f"--calib-tokens must be positive, not {self.calib_tokens}")
-        if self.removes_anything() and not self.data and not (self.depth == "every" and not self.width()):
+        if self.removes_anything() and not self.data and not self.random_init and not (self.depth == "every" and not self.width()):
             raise FamexError("--data DATA_DIR is required: importance is measured on calibration chunks "
                              "(only --depth every without width pruning needs none)")
 
@@ -97,6 +97,22 @@ def check_sizes(config, cfg: PruneConfig) -> None:
             raise FamexError(f"{flag} {keep}: the teacher has only {have}; keep at most that many")
     if cfg.hidden and cfg.hidden % 2:
         raise FamexError(f"--hidden {cfg.hidden}: keep an even number of hidden channels")
+    if cfg.hidden or cfg.kv_heads:
+        # The architecture's own rules for the new sizes (Llama: hidden_size a multiple of the query
+        # heads, although head_dim is written out), checked now rather than after calibration.
+        import copy
+
+        rep = text.num_attention_heads // text.num_key_value_heads
+        new = copy.deepcopy(text)
+        new.head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        new.hidden_size = cfg.hidden or text.hidden_size
+        new.num_key_value_heads = cfg.kv_heads or text.num_key_value_heads
+        new.num_attention_heads = new.num_key_value_heads * rep
+        try:
+            getattr(new, "validate_architecture", lambda: None)()
+        except ValueError as e:
+            raise FamexError(f"--hidden {new.hidden_size} with {new.num_attention_heads} query heads: {text.model_type} "
+                             f"refuses it ({e}); choose --hidden a multiple of {new.num_attention_heads}") from None
 
 
 def plan_from(importance, config, cfg: PruneConfig):
@@ -108,16 +124,20 @@ def plan_from(importance, config, cfg: PruneConfig):
 
     text = config.get_text_config()
     plan = full_plan(config)
-    layers = keep_layers(importance, text.num_hidden_layers, cfg.layers or text.num_hidden_layers, cfg.depth)
+    # Without importance (--random-init: only the shape matters) the first channels and evenly spaced layers.
+    depth = cfg.depth if importance is not None else "every"
+    layers = keep_layers(importance, text.num_hidden_layers, cfg.layers or text.num_hidden_layers, depth)
     mlp = [plan.mlp[0]] * len(layers)
     groups = [plan.groups[0]] * len(layers)
     if cfg.mlp and cfg.mlp < text.intermediate_size:
-        mlp = list(top_indices(importance.mlp[layers], cfg.mlp))
+        mlp = (list(top_indices(importance.mlp[layers], cfg.mlp)) if importance is not None
+               else [torch.arange(cfg.mlp)] * len(layers))
     if cfg.kv_heads and cfg.kv_heads < text.num_key_value_heads:
-        groups = list(top_indices(importance.group_scores(text.num_key_value_heads)[layers], cfg.kv_heads))
+        groups = (list(top_indices(importance.group_scores(text.num_key_value_heads)[layers], cfg.kv_heads))
+                  if importance is not None else [torch.arange(cfg.kv_heads)] * len(layers))
     hidden = plan.hidden
     if cfg.hidden and cfg.hidden < text.hidden_size:
-        hidden = top_indices(importance.hidden, cfg.hidden)
+        hidden = top_indices(importance.hidden, cfg.hidden) if importance is not None else torch.arange(cfg.hidden)
     plan.layers, plan.mlp, plan.groups, plan.hidden = layers, mlp, groups, torch.as_tensor(hidden)
     return plan
 
@@ -155,7 +175,7 @@ def prune(cfg: PruneConfig) -> Path:
                 raise FamexError(f"vocab size mismatch: teacher {model.config.vocab_size}, data {cfg.data} {chunks.vocab_size} — "
                                  "calibrate on data tokenized with the teacher's tokenizer")
         importance = None
-        if cfg.removes_anything() and chunks is not None:
+        if cfg.removes_anything() and chunks is not None and not cfg.random_init:  # random weights: the shape alone
             batches = calibration_batches(chunks, cfg.calib_tokens, cfg.seed)
             importance = measure_importance(model, batches)
         plan = plan_from(importance, model.config, cfg)

@@ -293,7 +293,7 @@ def eval_row(tree: RunTree, ev: StageDir) -> dict[str, Any]:
     row: dict[str, Any] = {"model": name}
     for key in ("kind", "objective", "format", "method", "norm_fusion", "weight_averaging"):
         row[key] = m[key] if m.get(key) is not None else inferred.get(key)
-    for key in ("val_loss", "val_loss_se", "fewshot_avg", "fewshot_avg_stderr", "recovery", "size_bytes", "bits_per_weight",
+    for key in ("val_loss", "val_loss_se", "fewshot_avg", "fewshot_avg_stderr", "recovery", "recovery_se", "size_bytes", "bits_per_weight",
                 "params", "flops_per_token", "tokens_per_s"):
         row[key] = _number(m.get(key))
     row["on_pareto"] = None
@@ -337,7 +337,11 @@ def attach_references(rows: list[dict[str, Any]]) -> None:
             r["val_loss_increase"] = r["val_loss"] - ref["val_loss"]
             r["val_loss_increase_se"] = paired_se(r.get("eval_dir"), ref.get("eval_dir"))
         if r.get("recovery") is None and r.get("fewshot_avg") is not None and ref.get("fewshot_avg"):
-            r["recovery"] = 100.0 * r["fewshot_avg"] / ref["fewshot_avg"]
+            a, b = r["fewshot_avg"], ref["fewshot_avg"]
+            r["recovery"] = 100.0 * a / b
+            sa, sb = r.get("fewshot_avg_stderr"), ref.get("fewshot_avg_stderr")
+            if sa is not None and sb is not None:  # delta method, as famex eval computes it
+                r["recovery_se"] = 100.0 * math.sqrt(sa ** 2 + (a / b * sb) ** 2) / b
 
 
 def mark_pareto(rows: list[dict[str, Any]], cost_key: str) -> None:

@@ -15,7 +15,8 @@ Writes, into one directory built under a temporary name and renamed when complet
   ``fewshot_avg``, ``recovery``, ``size_bytes``, ``bits_per_weight``, ``on_pareto``, ``path``
   (plus ``variant``, ``source_stage``, ``reference``, ``val_loss_increase``, ``params``,
   ``flops_per_token``, ``tokens_per_s``, ``eval_dir``, and the standard errors ``val_loss_se``,
-  ``val_loss_increase_se`` (paired over chunks), ``fewshot_avg_stderr``);
+  ``val_loss_increase_se`` (paired over chunks), ``fewshot_avg_stderr``, ``recovery_se`` (delta method,
+  the two models taken as independent));
 - ``meta.json`` (stage contract: its inputs are the complete stage directories it read) and
   ``metrics.json`` (sections written, sections skipped and why).
 
@@ -187,10 +188,16 @@ def section_training(ctx: Context) -> str:
     pairs = tables.twins(runs)
     if pairs:
         parts.append("Distillation against its CE-only twin (same student, same data; negative = distillation wins):")
-        parts.append(tables.twins_table(pairs))
+        parts.append(tables.twins_table(pairs, ctx.rows))
     else:
         parts.append("No CE-only twin of a distilled student in this run: the baseline comparison needs both "
                      "objectives for one student (a recipe [[student]] with objective = \"ce\").")
+    prunes = {str(Path(str(p.config.get("out") or p.path)).resolve()): p.config for p in ctx.tree.of("prune")}
+    inits = tables.init_pairs(runs, prunes)
+    if inits:
+        parts.append("Students initialised from the teacher (`famex prune`) against random-init students of the same "
+                     "shape, the paper's recipe (same data, same steps; negative = the teacher's weights help):")
+        parts.append(tables.init_table(inits, ctx.rows))
     post = training_runs(ctx.tree, ("sft", "dpo"))
     if post:
         parts.append("Post-training runs:")
@@ -238,6 +245,11 @@ def section_ablation(ctx: Context) -> str:
         plots.ablation_bars(formats, key, ylabel, f"{model}: quantization methods by format", ctx.figure(name), ctx.dpi)
         parts.append(f"![Quantization ablation of {model}]({name})")
         parts.append(tables.ablation_table(formats))
+        qad = tables.qad_recovery_table(formats)
+        if qad:
+            parts.append("QAD against the post-training methods at the same format (paired over the same val chunks): "
+                         "the fraction of RTN's and GPTQ's gap to BF16 that QAD recovered.")
+            parts.append(qad)
     if not shown:
         raise Skip("quantized models were evaluated, but none has a BF16 reference evaluated "
                    "(Δ val loss and recovery need the unquantized model's eval)")

@@ -76,6 +76,28 @@ def fmt_percent(percent: float | None, digits: int = 1) -> str:
     return "–" if percent is None else f"{percent:.{digits}f}%"
 
 
+#: A recovery whose 95% interval (± 1.96 s.e.) is wider than this many points is marked as noise.
+RECOVERY_NOISE_POINTS = 10.0
+
+
+def fmt_recovery(percent: float | None, se: float | None) -> str:
+    """Few-shot recovery ± its s.e. in points, marked *noise* when its 95% interval is wider than
+    ± `RECOVERY_NOISE_POINTS` (too few items to tell methods apart)."""
+    if percent is None:
+        return "–"
+    if se is None:
+        return fmt_percent(percent)
+    text = f"{percent:.1f}% ± {se:.1f}"
+    return f"{text} (noise: 95% CI ± {1.96 * se:.0f} points)" if 1.96 * se > RECOVERY_NOISE_POINTS else text
+
+
+def fmt_acc(fraction: float | None, se: float | None) -> str:
+    """A few-shot accuracy (fraction) in percent ± its stderr in points."""
+    if fraction is None:
+        return "–"
+    return fmt_pct(fraction) if se is None else f"{100 * fraction:.1f}% ± {100 * se:.1f}"
+
+
 def fmt_bytes(n: float | None) -> str:
     if n is None:
         return "–"
@@ -137,8 +159,8 @@ def summary_table(rows: list[dict[str, Any]]) -> str:
         r["model"], r.get("kind") or "–", r.get("objective") or "–", r.get("format") or "–",
         method_label(r.get("method"), r.get("norm_fusion")), fmt(bool(r.get("weight_averaging"))),
         fmt_se(r.get("val_loss"), r.get("val_loss_se")), fmt_diff(r.get("val_loss_increase"), r.get("val_loss_increase_se")),
-        fmt_pct(r.get("fewshot_avg")),
-        fmt_percent(r.get("recovery")), fmt_bytes(r.get("size_bytes")), fmt(r.get("bits_per_weight"), 2),
+        fmt_acc(r.get("fewshot_avg"), r.get("fewshot_avg_stderr")),
+        fmt_recovery(r.get("recovery"), r.get("recovery_se")), fmt_bytes(r.get("size_bytes")), fmt(r.get("bits_per_weight"), 2),
         {True: "**yes**", False: "no", None: "–"}[r.get("on_pareto")],
     ] for r in rows]
     return md_table(headers, body)
@@ -217,7 +239,7 @@ def ablation_table(formats: dict[str, dict[tuple[str, bool], dict]]) -> str:
             if r.get("val_loss_increase") is not None:
                 parts.append(fmt_se(r["val_loss_increase"], r.get("val_loss_increase_se"), signed=True))
             if r.get("recovery") is not None:
-                parts.append(fmt_percent(r["recovery"]))
+                parts.append(fmt_recovery(r["recovery"], r.get("recovery_se")))
             text = " / ".join(parts) or "–"
             line.append(f"**{text}**" if col in best else text)
         line.append((", ".join(method_label(*k) for k in best) or "–") + _margin(cells, best))
@@ -298,13 +320,97 @@ def twins(runs: list[dict[str, Any]]) -> list[tuple[dict, dict]]:
     return [(a, b) for a in kd for b in ce if a.get("student") is not None and a.get("student") == b.get("student")]
 
 
-def twins_table(pairs: list[tuple[dict, dict]]) -> str:
+def eval_of(run: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The BF16 evaluation row of a training run's output model, if the run tree evaluated it."""
+    here = Path(run["path"]).resolve()
+    for r in rows:
+        if r.get("format") == "bf16" and r.get("path") and Path(str(r["path"])).resolve() == here:
+            return r
+    return None
+
+
+def paired_comparison(a: dict[str, Any], b: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
+    """val loss of run a, of run b, and a − b ± its paired s.e. (from their evaluations where both
+    were evaluated on the same chunks; else the training runs' own final validation, without s.e.)."""
+    from famex.eval.stats import paired_se
+
+    ea, eb = eval_of(a, rows), eval_of(b, rows)
+    if ea is not None and eb is not None and ea.get("val_loss") is not None and eb.get("val_loss") is not None:
+        va, vb = ea["val_loss"], eb["val_loss"]
+        se = paired_se(ea.get("eval_dir"), eb.get("eval_dir"))
+        return [fmt_se(va, ea.get("val_loss_se")), fmt_se(vb, eb.get("val_loss_se")), fmt_diff(va - vb, se)]
+    va, vb = a["metrics"].get("val_loss"), b["metrics"].get("val_loss")
+    delta = va - vb if va is not None and vb is not None else None
+    return [fmt(va), fmt(vb), fmt_signed(delta) + (" (no s.e.: not evaluated)" if delta is not None else "")]
+
+
+def twins_table(pairs: list[tuple[dict, dict]], rows: list[dict[str, Any]] | None = None) -> str:
     body = []
     for a, b in pairs:
-        va, vb = a["metrics"].get("val_loss"), b["metrics"].get("val_loss")
-        delta = va - vb if va is not None and vb is not None else None
-        body.append([a.get("student"), a["name"], fmt(va), b["name"], fmt(vb), fmt_signed(delta)])
+        va, vb, delta = paired_comparison(a, b, rows or [])
+        body.append([Path(str(a.get("student"))).name, a["name"], va, b["name"], vb, delta])
     return md_table(["student", "distilled", "val loss", "CE-only", "val loss", "KD − CE"], body)
+
+
+def init_pairs(runs: list[dict[str, Any]], prunes: dict[str, dict[str, Any]]) -> list[tuple[dict, dict]]:
+    """(teacher-initialised, random-init) pairs of distill runs with the same objective whose students
+    are `famex prune` directories of the same shape (the same options but ``random_init``).
+    ``prunes`` maps each prune stage's output directory to its config."""
+    def shape(run: dict[str, Any]) -> tuple | None:
+        cfg = prunes.get(str(Path(str(run.get("student"))).resolve()))
+        if cfg is None:
+            return None
+        keep = {k: cfg.get(k) for k in ("teacher", "layers", "mlp", "kv_heads", "hidden")}
+        return (repr(sorted(keep.items())), run.get("objective"), bool(cfg.get("random_init")))
+
+    shapes = {r["name"]: shape(r) for r in runs}
+    return [(a, b) for a in runs for b in runs
+            if shapes[a["name"]] and shapes[b["name"]] and not shapes[a["name"]][2] and shapes[b["name"]][2]
+            and shapes[a["name"]][:2] == shapes[b["name"]][:2]]
+
+
+def init_table(pairs: list[tuple[dict, dict]], rows: list[dict[str, Any]]) -> str:
+    body = []
+    for a, b in pairs:
+        va, vb, delta = paired_comparison(a, b, rows)
+        body.append([(a.get("objective") or "–").upper(), fmt(a["metrics"].get("params")), a["name"], va, b["name"], vb, delta])
+    return md_table(["objective", "params", "from the teacher", "val loss", "random init", "val loss", "teacher − random"], body)
+
+
+def qad_recovery_rows(formats: dict[str, dict[tuple[str, bool], dict]]) -> list[list[str]]:
+    """Per format where QAD ran: its Δ val loss against RTN's and GPTQ's (same norm fusion), and the
+    fraction of each gap QAD recovered, ``(gap − gap_QAD) / gap``. A QAD model below its BF16 model
+    is flagged: that is further training of an under-trained model, not recovered quantization error."""
+    from famex.eval.stats import paired_se
+
+    body = []
+    for fmt_name in sorted(formats, key=format_order):
+        cells = formats[fmt_name]
+        for (method, nf), q in sorted(cells.items()):
+            if method != "qad" or q.get("val_loss_increase") is None:
+                continue
+            line = [fmt_name, "yes" if nf else "no", fmt_se(q["val_loss_increase"], q.get("val_loss_increase_se"), signed=True)]
+            for base in ("rtn", "gptq"):
+                b = cells.get((base, nf))
+                gap = b.get("val_loss_increase") if b else None
+                if gap is None:
+                    line += ["–", "–"]
+                    continue
+                se = paired_se(q.get("eval_dir"), b.get("eval_dir"))
+                line.append(fmt_diff(q["val_loss_increase"] - gap, se))
+                line.append(fmt_pct((gap - q["val_loss_increase"]) / gap) if gap > 0 else "– (no gap)")
+            if q["val_loss_increase"] < 0:
+                line[2] += " (below BF16: training, not recovery)"
+            body.append(line)
+    return body
+
+
+def qad_recovery_table(formats: dict[str, dict[tuple[str, bool], dict]]) -> str:
+    body = qad_recovery_rows(formats)
+    if not body:
+        return ""
+    return md_table(["format", "NF", "QAD Δ val loss", "QAD − RTN", "RTN gap recovered", "QAD − GPTQ",
+                     "GPTQ gap recovered"], body)
 
 
 PAPER_BYTES_PER_ENTRY = 8  # the paper stores each top-k entry as fp32 probability + int32 index

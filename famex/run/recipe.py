@@ -12,7 +12,7 @@ stages' command-line options, with underscores), plus the names that tie them to
                  objective = "kd" | "ce", and any famex distill option
     [sft] [dpo]  students = [...], data = "demo" | [paths], and their stage options
     [quantize]   options shared by every variant; [quantize.rtn] / [quantize.gptq] / [quantize.qad]
-                 options per method; [[quantize.matrix]] entries: models = ["s", "m:instruct"],
+                 options per method; [[quantize.matrix]] entries: models = ["teacher", "s", "m:instruct"],
                  formats = [...], methods = ["rtn", "gptq", "qad"], norm_fusion = [false, true] and
                  options for their variants (one matrix may also be written inline in [quantize])
     [export]     which variants go to their runtime (methods, formats, norm_fusion, models filters),
@@ -173,11 +173,15 @@ def load_recipe(path: str | Path, out: str | None = None) -> Recipe:
         if key in shared:
             raise FamexError(f"{where}: [distill] {key} is set per [[student]] by the run; remove it")
     student_nodes: dict[str, Node] = {}
+    prune_nodes: dict[str, Node] = {}  # one prune stage per distinct set of options (a CE twin shares it)
     for i, st in enumerate(students):
         st = dict(st)
         sname = st.pop("name", None)
         if not sname:
             raise FamexError(f"{where}: [[student]] #{i + 1} has no name")
+        if sname == "teacher" or ":" in sname:
+            raise FamexError(f"{where}: [[student]] {sname!r}: \"teacher\" names the teacher and \":\" marks NAME:instruct; "
+                             "choose another name")
         prune = st.pop("prune", None)
         preset = st.pop("preset", None) or st.pop("model", None)
         if prune is not None:
@@ -185,8 +189,12 @@ def load_recipe(path: str | Path, out: str | None = None) -> Recipe:
             if preset or not isinstance(prune, dict):
                 raise FamexError(f"{where}: [[student]] {sname!r}: prune = {{layers = N, ...}} (the famex prune options) "
                                  "replaces preset / model; give one of them")
-            pnode = add(Node(f"prune-{sname}", "prune", {**prune, "teacher": teacher["model"], "data": data_dir,
-                                                         "out": str(root / f"prune-{sname}")}, ["data"], {"student": sname}))
+            key = repr(sorted(prune.items()))
+            if key not in prune_nodes:
+                prune_nodes[key] = add(Node(f"prune-{sname}", "prune", {**prune, "teacher": teacher["model"], "data": data_dir,
+                                                                        "out": str(root / f"prune-{sname}")},
+                                            ["data"], {"student": sname}))
+            pnode = prune_nodes[key]
             preset = pnode.config["out"]
         if not preset:
             raise FamexError(f"{where}: [[student]] {sname!r} needs preset = NAME (famex info --list), model = DIR "
@@ -195,7 +203,7 @@ def load_recipe(path: str | Path, out: str | None = None) -> Recipe:
         if objective not in ("kd", "ce"):
             raise FamexError(f"{where}: [[student]] {sname!r} objective must be \"kd\" or \"ce\", not {objective!r}")
         config = {**shared, **st, "student": preset, "data": data_dir, "out": str(root / f"distill-{sname}")}
-        deps = ["data"] + ([f"prune-{sname}"] if prune is not None else [])
+        deps = ["data"] + ([pnode.name] if prune is not None else [])
         if objective == "kd":
             config["logits"] = store_nodes["train"].config["out"]
             deps.append("logits-train")
@@ -251,7 +259,10 @@ def load_recipe(path: str | Path, out: str | None = None) -> Recipe:
                 instruct[sname] = add(Node(f"dpo-{sname}", "dpo", config, [f"sft-{sname}", "data-chat"], {"student": sname}))
 
     # -- quantization matrix (formats × methods × norm fusion per model), then exports
-    sources = {name: (node, "base") for name, node in student_nodes.items()}
+    # The teacher is a family member to quantize too (the paper releases Apertus-8B in FP8 / NVFP4 /
+    # INT4): "teacher" in a matrix's models, QAD's teacher being the BF16 model itself (its store).
+    sources = {"teacher": (Node("teacher", "teacher", {"out": teacher["model"]}), "base")}
+    sources.update({name: (node, "base") for name, node in student_nodes.items()})
     sources.update({f"{name}:instruct": (node, "instruct") for name, node in instruct.items()})
     stores = {"base": (data_dir, store_nodes.get("train"), store_nodes.get("val")),
               "instruct": (chat_nodes["data"].config["out"] if chat_nodes else None, chat_nodes.get("logits"), None)}
@@ -278,8 +289,9 @@ def load_recipe(path: str | Path, out: str | None = None) -> Recipe:
                 config["tasks"] = tasks
             if reference:
                 config["reference"] = reference
-            if target is None:
+            if target is None or target.info.get("source") == "teacher":
                 config["name"] = "teacher"
+            if target is None:
                 config.setdefault("tokenizer", str(Path(data_dir) / "tokenizer"))
             evals[name] = add(Node(name, "eval", config, deps, {"kind": kind}))
 
@@ -382,7 +394,7 @@ def _quantize_nodes(section: dict[str, Any] | None, sources: dict[str, tuple[Nod
     """Expand [quantize]: shared options, per-method tables and [[quantize.matrix]] entries into nodes.
 
     A matrix entry names ``models`` (a student for its distilled model, ``NAME:instruct`` for its
-    post-trained one), ``formats``, ``methods`` and ``norm_fusion`` (a list of booleans), plus any
+    post-trained one, ``teacher`` for the teacher itself), ``formats``, ``methods`` and ``norm_fusion`` (a list of booleans), plus any
     `famex quantize` option for its nodes. GPTQ calibrates on the model's training data (the chat
     data for instruct models); QAD distils from the store over it (the instruct teacher's logits over
     the chat data for instruct models, as the paper does).
@@ -435,7 +447,7 @@ def _quantize_nodes(section: dict[str, Any] | None, sources: dict[str, tuple[Nod
             vname = f"quantize-{name.replace(':', '-')}-{fmt}-{method}" + ("-nf" if nf else "")
             config = {**section, **per_method.get(method, {}), **entry, "model": source.config["out"],
                       "format": fmt, "method": method, "norm_fusion": nf, "out": str(root / vname)}
-            deps = [source.name]
+            deps = [source.name] if source.stage != "teacher" else []
             if method == "qad":
                 if store is None:
                     what = "[logits]" if kind == "base" else "[chat] logits = true"
