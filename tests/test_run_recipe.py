@@ -264,7 +264,7 @@ def test_twins_share_one_prune_stage_and_the_teacher_is_quantized_against_its_ow
     """Students with the same prune options (a CE twin) share one prune stage, a random-init one gets its
     own; "teacher" in a quantize matrix quantizes the teacher itself (QAD from the teacher's own store)
     and evaluates each variant as "teacher" against the teacher's evaluation."""
-    shape = "layers = 1, mlp = 32, calib_tokens = 256"
+    shape = "layers = 1, mlp = 64, calib_tokens = 256"
     students = (f'name = "p"\nprune = {{ {shape} }}\n\n[[student]]\nname = "p-ce"\nobjective = "ce"\nprune = {{ {shape} }}'
                 f'\n\n[[student]]\nname = "p-rand"\nprune = {{ {shape}, random_init = true }}')
     quantize = ("calib_tokens = 512\n\n[[quantize.matrix]]\nmodels = [\"teacher\", \"p\"]\nformats = [\"int4\"]"
@@ -288,3 +288,8 @@ def test_twins_share_one_prune_stage_and_the_teacher_is_quantized_against_its_ow
     assert nodes["quantize-p-int4-rtn-nf"].config["model"] == str(run / "distill-p")
     with pytest.raises(FamexError, match="names the teacher"):
         load_recipe(write_recipe(tmp_path / "bad.toml", assets, student='name = "teacher"\npreset = "tiny-apertus"'))
+    # A pruned width the format's group does not divide is refused when the run is planned, not hours into it.
+    narrow = students.replace("mlp = 64", "mlp = 96")
+    with pytest.raises(FamexError, match=r"'p' is pruned to mlp = 96, which is no multiple of the group size 64 of int4; use int4-g32"):
+        load_recipe(write_recipe(tmp_path / "narrow.toml", assets, student=narrow, quantize=quantize, chat=None, sft=None,
+                                 dpo=None, export=None), out=str(tmp_path / "run2"))

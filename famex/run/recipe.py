@@ -174,6 +174,7 @@ def load_recipe(path: str | Path, out: str | None = None) -> Recipe:
             raise FamexError(f"{where}: [distill] {key} is set per [[student]] by the run; remove it")
     student_nodes: dict[str, Node] = {}
     prune_nodes: dict[str, Node] = {}  # one prune stage per distinct set of options (a CE twin shares it)
+    widths: dict[str, dict[str, int]] = {}  # a pruned student's hidden / MLP widths, known before it exists
     for i, st in enumerate(students):
         st = dict(st)
         sname = st.pop("name", None)
@@ -196,6 +197,7 @@ def load_recipe(path: str | Path, out: str | None = None) -> Recipe:
                                             ["data"], {"student": sname}))
             pnode = prune_nodes[key]
             preset = pnode.config["out"]
+            widths[sname] = {k: prune[k] for k in ("hidden", "mlp") if isinstance(prune.get(k), int)}
         if not preset:
             raise FamexError(f"{where}: [[student]] {sname!r} needs preset = NAME (famex info --list), model = DIR "
                              "or prune = {...} (cut from the teacher)")
@@ -266,7 +268,8 @@ def load_recipe(path: str | Path, out: str | None = None) -> Recipe:
     sources.update({f"{name}:instruct": (node, "instruct") for name, node in instruct.items()})
     stores = {"base": (data_dir, store_nodes.get("train"), store_nodes.get("val")),
               "instruct": (chat_nodes["data"].config["out"] if chat_nodes else None, chat_nodes.get("logits"), None)}
-    quant_nodes = _quantize_nodes(raw.get("quantize"), sources, stores, root, add, where)
+    widths.update({f"{name}:instruct": widths[name] for name in instruct if name in widths})
+    quant_nodes = _quantize_nodes(raw.get("quantize"), sources, stores, root, add, where, widths)
     export_nodes = _export_nodes(raw.get("export"), quant_nodes, root, add, where)
 
     # -- evaluation: every model of the family; quantized variants against their BF16 source
@@ -390,7 +393,8 @@ def _as_list(value: Any, key: str, where: str) -> list:
 
 
 def _quantize_nodes(section: dict[str, Any] | None, sources: dict[str, tuple[Node, str]],
-                    stores: dict[str, tuple], root: Path, add: Callable[[Node], Node], where: str) -> list[Node]:
+                    stores: dict[str, tuple], root: Path, add: Callable[[Node], Node], where: str,
+                    widths: dict[str, dict[str, int]] | None = None) -> list[Node]:
     """Expand [quantize]: shared options, per-method tables and [[quantize.matrix]] entries into nodes.
 
     A matrix entry names ``models`` (a student for its distilled model, ``NAME:instruct`` for its
@@ -398,6 +402,8 @@ def _quantize_nodes(section: dict[str, Any] | None, sources: dict[str, tuple[Nod
     `famex quantize` option for its nodes. GPTQ calibrates on the model's training data (the chat
     data for instruct models); QAD distils from the store over it (the instruct teacher's logits over
     the chat data for instruct models, as the paper does).
+    ``widths`` holds pruned students' hidden / MLP widths, so that a group size that does not divide
+    them is refused here rather than after hours of earlier stages.
     """
     if not section:
         return []
@@ -441,6 +447,14 @@ def _quantize_nodes(section: dict[str, Any] | None, sources: dict[str, tuple[Nod
         for nf in fusions:
             if not isinstance(nf, bool):
                 raise FamexError(f"{here}: norm_fusion must list booleans (false, true), not {nf!r}")
+        for name, fmt in itertools.product(models, formats):
+            group = parse_format(fmt).group_size
+            for what, width in (widths or {}).get(name, {}).items():
+                if group and width % group:
+                    fits = next((f"{fmt.split('-')[0]}-g{g}" for g in (128, 64, 32) if width % g == 0), None)
+                    raise FamexError(f"{here}: {name!r} is pruned to {what} = {width}, which is no multiple of the group size "
+                                     f"{group} of {fmt}; use " + (f"{fits} or " if fits else "") + "a per-channel format "
+                                     "(-ch), or prune to a width that is a multiple of the group")
         for name, fmt, method, nf in itertools.product(models, formats, methods, fusions):
             source, kind = sources[name]
             data, store, val_store = stores[kind]
