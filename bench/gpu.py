@@ -203,6 +203,21 @@ def main() -> None:
     # As `famex quantize --device` runs it: one decoder block at a time on the device.
     out["gptq_int4_seconds"] = timed(lambda: quantize_model(gmodel, fmt, "gptq", calib, device=device), device)
 
+    # -- export: MLX packing of the int4 codes on the device against the CPU (the files must be the same)
+    from famex.export.mlx import mlx_tensors
+    from famex.quant.fake_quant import QParams
+
+    def pack_all(dev):
+        return {name: {key: t.cpu() for key, t in mlx_tensors(QParams(**{f: (v.to(dev) if v is not None else None)
+                                                                           for f, v in vars(qp).items()}), fmt).items()}
+                for name, qp in start.qparams.items()}
+
+    on_cpu = {}
+    out["export_mlx_seconds_cpu"] = timed(lambda: on_cpu.update(pack_all(torch.device("cpu"))), device)
+    on_dev = {}
+    out["export_mlx_seconds_device"] = timed(lambda: on_dev.update(pack_all(device)), device)
+    out["export_mlx_identical"] = str(all(torch.equal(on_cpu[n][k], on_dev[n][k]) for n in on_cpu for k in on_cpu[n]))
+
     params = sum(p.numel() for p in model.parameters())
     print(f"famex GPU benchmark — {out['device']}, {args.preset} ({params / 1e6:.0f}M params, vocab {V}), "
           f"batch {B}×{T} tokens, k={k}, median of {args.steps} alternating steps")

@@ -133,3 +133,17 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def eager_flex(monkeypatch):
+    """transformers compiles flex attention on first use; on CPU the compile alone takes longer than
+    the test, so here flex runs its exact (unfused) eager forward, with the same BlockMask."""
+    import transformers.integrations.flex_attention as hf_flex
+    from torch.nn.attention.flex_attention import flex_attention
+
+    def eager(query, key, value, training=False, **kwargs):
+        return flex_attention(query, key, value, **kwargs)
+
+    monkeypatch.setattr(hf_flex, "compile_friendly_flex_attention", eager)
+    yield

@@ -19,6 +19,7 @@ def test_gpu_benchmark_runs_at_a_toy_shape(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     figures = json.loads((tmp_path / "gpu.json").read_text())
     for key in ("kd_over_ce_default", "sdpa_dense_over_default", "logits_overhead", "qad_over_distill", "gptq_int4_seconds",
-                "distill_kd_default_tokens_per_s", "peak_memory_gib_default"):
+                "distill_kd_default_tokens_per_s", "peak_memory_gib_default", "export_mlx_seconds_device"):
         assert figures[key] > (-1 if key == "logits_overhead" else 0), key
     assert figures["device"] == "cpu" and "kd_over_ce_default" in proc.stdout
+    assert figures["export_mlx_identical"] == "True"

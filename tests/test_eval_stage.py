@@ -429,3 +429,34 @@ def test_eval_refuses_a_missing_cuda_device_before_loading(tmp_path):
     cfg.validate()
     with pytest.raises(FamexError, match="no CUDA device is available; use --device cpu"):
         evaluate(cfg)
+
+
+def test_eval_attn_flex_scores_as_sdpa_does(models, bf16_eval, eager_flex):
+    """--attn flex: validation reaches attention as a document BlockMask (no T×T tensor) and few-shot
+    rows run one continuation each; both give the per-document reference's loss and sdpa's scores,
+    for the BF16 model and for a famex-quantized one (its fake-quant hooks stay in place)."""
+    model = AutoModelForCausalLM.from_pretrained(models["bf16"], attn_implementation="sdpa").eval()
+    ref, _ = per_document_loss(model, models["data"])
+    flex = run_eval(models, "bf16", name="bf16-flex", attn="flex", tasks=["arc_easy,winogrande"], limit=12)
+    assert (bf16_eval["attn"], flex["attn"]) == ("sdpa", "flex_attention")
+    assert abs(flex["val_loss"] - ref) < 1e-4, (flex["val_loss"], ref)
+    sdpa_chunks = read_json(models["root"] / "eval-bf16" / "val_chunks.json")
+    flex_chunks = read_json(models["root"] / "eval-bf16-flex" / "val_chunks.json")
+    assert np.allclose(flex_chunks["ce_sum"], sdpa_chunks["ce_sum"], rtol=1e-5)
+    for key in ("acc_norm/arc_easy", "acc/winogrande"):
+        assert flex[key] == bf16_eval[key], key
+    q_sdpa = run_eval(models, "int4", name="int4-sdpa", speed_iters=0)
+    q_flex = run_eval(models, "int4", name="int4-flex", attn="flex", speed_iters=0)
+    assert q_flex["attn"] == "flex_attention" and q_flex["val_loss"] != bf16_eval["val_loss"]
+    assert abs(q_flex["val_loss"] - q_sdpa["val_loss"]) < 1e-5
+
+
+def test_eval_refuses_an_attention_kernel_it_cannot_run_before_loading(tmp_path):
+    from famex.eval.stage import EvalConfig, evaluate
+
+    cfg = EvalConfig(model=str(tmp_path / "not-loaded"), out=str(tmp_path / "ev"), device="cpu",
+                     attn="flash_attention_2", speed_iters=0)
+    cfg.validate()
+    with pytest.raises(FamexError, match="flash_attention_2"):
+        evaluate(cfg)
+    assert not (tmp_path / "ev").exists()

@@ -352,3 +352,46 @@ def test_default_teacher_gguf_to_hf(tmp_path):
     assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.9  # bf16 weights vs the fp32 dequantized GGUF
     assert read_json(out / "config.json").get("quantization_config") is None
     assert read_json(out / "metrics.json")["size_bytes"] < 2.2 * sum(p.numel() for p in ref.parameters())
+
+
+# --------------------------------------------------------------------------- --device
+
+
+def test_packing_allocates_on_the_codes_device():
+    """pack_bits / unpack_bits build their words on the device of their input (no CPU tensors mixed in:
+    on the meta device any CPU allocation would fail), so `--device cuda` packs on the GPU."""
+    codes = torch.zeros(4, 64, dtype=torch.uint8, device="meta")
+    packed = mlx.pack_bits(codes, 3)
+    assert packed.device.type == "meta" and packed.shape == (4, 6) and packed.dtype == torch.uint32
+    assert mlx.unpack_bits(packed, 3, 64).device.type == "meta"
+
+
+@pytest.mark.parametrize("fmt,to", [("int4", "mlx"), ("fp8", "compressed-tensors")])
+def test_export_device_runs_each_module_there_and_writes_the_same_files(tmp_path, tokenizer, monkeypatch, fmt, to):
+    q = _quantized(tmp_path, tokenizer, fmt)
+    export(ExportConfig(model=str(q), to=to, out=str(tmp_path / "default")))
+    seen = []
+    original = ModelSource.qparams
+
+    def spy(self, name, device=None):
+        qp = original(self, name, device)
+        seen.append((str(device), qp.codes.device.type, qp.scale.device.type))
+        return qp
+
+    monkeypatch.setattr(ModelSource, "qparams", spy)
+    export(ExportConfig(model=str(q), to=to, out=str(tmp_path / "on-cpu"), device="cpu"))
+    assert len(seen) == len(ModelSource.open(q).modules) and set(seen) == {("cpu", "cpu", "cpu")}
+    a = safe_open(str(tmp_path / "default" / "model.safetensors"), "pt")
+    b = safe_open(str(tmp_path / "on-cpu" / "model.safetensors"), "pt")
+    assert sorted(a.keys()) == sorted(b.keys())
+    assert all(torch.equal(a.get_tensor(k).reshape(-1).view(torch.uint8), b.get_tensor(k).reshape(-1).view(torch.uint8))
+               for k in a.keys())
+
+
+def test_export_refuses_a_missing_cuda_device_before_writing(tmp_path, tokenizer):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    q = _quantized(tmp_path, tokenizer, "int4")
+    with pytest.raises(FamexError, match="no CUDA device is available; use --device cpu"):
+        export(ExportConfig(model=str(q), to="mlx", out=str(tmp_path / "x"), device="cuda"))
+    assert not (tmp_path / "x").exists()

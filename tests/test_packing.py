@@ -98,20 +98,6 @@ def assert_packed_equals_solo(model, chunk, attn: str = "sdpa"):
     assert (unmasked - packed).abs().max().item() > 1e-2
 
 
-@pytest.fixture
-def eager_flex(monkeypatch):
-    """transformers compiles flex attention on first use; on CPU the compile alone takes longer than
-    the test, so here flex runs its exact (unfused) eager forward, with the same BlockMask."""
-    import transformers.integrations.flex_attention as hf_flex
-    from torch.nn.attention.flex_attention import flex_attention
-
-    def eager(query, key, value, training=False, **kwargs):
-        return flex_attention(query, key, value, **kwargs)
-
-    monkeypatch.setattr(hf_flex, "compile_friendly_flex_attention", eager)
-    yield
-
-
 @pytest.mark.parametrize("attn", ["sdpa", "flex_attention"])
 def test_cross_document_masking_apertus(three_doc_chunk, teacher, attn, eager_flex):
     from famex.models import build_student

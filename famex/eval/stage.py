@@ -80,6 +80,8 @@ class EvalConfig:
     """Timed forward passes for tokens_per_s (their median); 0 skips the measurement."""
     device: str = "auto"
     """Where the model runs (validation, few-shot, speed): auto = CUDA when present, cpu, cuda[:N]; MLX exports run in mlx."""
+    attn: Literal["auto", "sdpa", "flex", "flash_attention_2"] = "auto"
+    """Attention implementation of the transformers models: auto = flex (a document block mask) on CUDA, sdpa on the CPU; flash_attention_2 where flash-attn is installed."""
 
     def validate(self) -> None:
         if not self.model:
@@ -381,7 +383,9 @@ def evaluate(cfg: EvalConfig) -> Path:
     from famex.models import resolve_device
 
     cfg.validate()
-    resolve_device(cfg.device)  # a missing CUDA device fails before any loading
+    from famex.models import resolve_attn
+
+    resolve_attn(cfg.attn, resolve_device(cfg.device))  # a missing CUDA device or kernel fails before any loading
     tasks = resolve_tasks(cfg.tasks) if cfg.tasks else []  # bad names fail before any loading
     kind = detect_kind(cfg.model)
     reference = read_reference(cfg.reference) if cfg.reference else None
@@ -397,7 +401,7 @@ def evaluate(cfg: EvalConfig) -> Path:
     model_input = None if kind == "gguf" and cfg.model == "default" else cfg.model
     inputs = {"model": model_input, "data": cfg.data or None, "reference": cfg.reference or None,
               "tokenizer": cfg.tokenizer or None}
-    stage = Stage(cfg.out, "eval", cfg, inputs, identity_exclude=("batch_size", "speed_seq_len", "speed_iters", "device"))
+    stage = Stage(cfg.out, "eval", cfg, inputs, identity_exclude=("batch_size", "speed_seq_len", "speed_iters", "device", "attn"))
     if stage.begin():
         return Path(cfg.out)
     try:
@@ -412,6 +416,16 @@ def evaluate(cfg: EvalConfig) -> Path:
     return Path(cfg.out)
 
 
+def _set_attn(model, attn: str, device) -> str:
+    """Switch a transformers model to the ``--attn`` implementation; returns the one it runs with."""
+    from famex.models import resolve_attn
+
+    impl = resolve_attn(attn, device)
+    if impl != model.config._attn_implementation:
+        model.set_attn_implementation(impl)
+    return model.config._attn_implementation
+
+
 def _measure(cfg: EvalConfig, tasks: list[str], reference: dict[str, Any] | None) -> tuple[dict[str, Any], dict | None]:
     from famex.eval.footprint import throughput
     from famex.eval.runtime import architecture_params, deployed_size, open_model
@@ -421,8 +435,10 @@ def _measure(cfg: EvalConfig, tasks: list[str], reference: dict[str, Any] | None
     t0 = time.perf_counter()
     device = resolve_device(cfg.device)
     ev = open_model(cfg.model)
+    attn = None
     if ev.kind != "mlx":
         ev.model.to(device)
+        attn = _set_attn(ev.model, cfg.attn, device)
     tokenizer = _load_tokenizer(ev, cfg.tokenizer) if tasks else None
     vocab = ev.config.get_text_config().vocab_size
     if tokenizer is not None and len(tokenizer) > vocab:
@@ -437,6 +453,7 @@ def _measure(cfg: EvalConfig, tasks: list[str], reference: dict[str, Any] | None
         "flops_per_token": 2 * params,
         "flops_convention": FLOPS_CONVENTION,
         "device": "mlx" if ev.kind == "mlx" else device.type,
+        "attn": attn or "mlx",
         **{f"runtime/{k}": v for k, v in ev.runtime.items()},
     }
     if ev.quant is not None:

@@ -171,10 +171,12 @@ def check(source: ModelSource) -> tuple[Any, list[str]]:
     return scheme, sorted(n for n in linears if n not in quantized)
 
 
-def export_compressed_tensors(source: ModelSource, out: Path, dtype: str = "bf16", max_shard_bytes: int = 5 * 10**9) -> dict[str, Any]:
+def export_compressed_tensors(source: ModelSource, out: Path, dtype: str = "bf16", max_shard_bytes: int = 5 * 10**9,
+                              device: Any = None) -> dict[str, Any]:
     """Write the compressed-tensors checkpoint of ``source`` into the (empty) directory ``out``.
 
-    ``dtype`` is the dtype of the tensors that stay unquantized (embeddings, norms, lm_head).
+    ``dtype`` is the dtype of the tensors that stay unquantized (embeddings, norms, lm_head). Each
+    module is compressed (and checked against famex's codes) on ``device`` (default: the CPU).
     Returns figures for metrics.json: quantized and total parameter counts, tensor bytes.
     """
     import compressed_tensors
@@ -189,7 +191,7 @@ def export_compressed_tensors(source: ModelSource, out: Path, dtype: str = "bf16
         writer.add(key, cast_dense(t, dtype))
         stats["params_dense"] += t.numel()
     for name in progress(source.modules, desc=f"compressed-tensors {source.fmt.name}", unit="module"):
-        qp = source.qparams(name)
+        qp = source.qparams(name, device)
         stats["params_quantized"] += qp.codes.numel()
         for local, t in compress_module(qp, source.fmt, scheme, name).items():
             writer.add(f"{name}.{local}", t)

@@ -121,13 +121,15 @@ class ModelSource:
     def tied(self) -> bool:
         return bool(self.config.get("tie_word_embeddings", False))
 
-    def qparams(self, name: str) -> QParams:
-        """The stored codes and scales of one quantized module (`famex.quant.checkpoint` layout)."""
+    def qparams(self, name: str, device: Any = None) -> QParams:
+        """The stored codes and scales of one quantized module (`famex.quant.checkpoint` layout), on ``device`` (default: the CPU)."""
         if self._qparams is None or f"{name}.codes" not in self._qparams:
             raise FamexError(f"{self.path}: no stored codes for {name} in {QPARAMS_FILE}; the directory is inconsistent — quantize again")
         found = {k: self._qparams.get(f"{name}.{k}") for k in _QFIELDS if f"{name}.{k}" in self._qparams}
         if "scale" not in found:
             raise FamexError(f"{self.path / QPARAMS_FILE}: {name} has codes but no scale — the file is corrupt; quantize again")
+        if device is not None:
+            found = {k: v.to(device) for k, v in found.items()}
         return QParams(**found)
 
     def dense_keys(self, quantized: Iterable[str]) -> list[str]:

@@ -89,7 +89,7 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     if (n * bits) % 32 or n % 32:
         raise FamexError(f"{n} input features cannot be packed at {bits} bits for MLX (need a multiple of 32)")
     c = codes.to(torch.int64).reshape(out, n // 32, 32)
-    words = torch.zeros(out, n // 32, bits, dtype=torch.int64)
+    words = torch.zeros(out, n // 32, bits, dtype=torch.int64, device=codes.device)
     for j in range(32):  # 32 codes fill exactly `bits` words
         word, offset = divmod(j * bits, 32)
         words[:, :, word] |= (c[:, :, j] << offset) & 0xFFFFFFFF
@@ -104,7 +104,7 @@ def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     out = packed.shape[0]
     words = packed.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
     words = words.reshape(out, n // 32, bits)
-    codes = torch.zeros(out, n // 32, 32, dtype=torch.int64)
+    codes = torch.zeros(out, n // 32, 32, dtype=torch.int64, device=packed.device)
     mask = (1 << bits) - 1
     for j in range(32):
         word, offset = divmod(j * bits, 32)
@@ -231,11 +231,12 @@ def _check_same_model(a: ModelSource, b: ModelSource) -> None:
 
 
 def export_mlx(source: ModelSource, out: Path, dtype: str = "bf16", high: ModelSource | None = None, recipe: str = "",
-               max_shard_bytes: int = 5 * 10**9) -> dict[str, Any]:
+               max_shard_bytes: int = 5 * 10**9, device: Any = None) -> dict[str, Any]:
     """Write the MLX checkpoint of ``source`` (mixed with ``high`` by ``recipe``) into the empty directory ``out``.
 
     ``dtype`` is the dtype of the tensors that stay unquantized; an unquantized ``source`` gives a
-    plain MLX checkpoint in it. Returns figures for metrics.json: parameter counts, tensor bytes,
+    plain MLX checkpoint in it. The codes are packed on ``device`` (default: the CPU), one module at
+    a time; the files are the same on every device. Returns figures for metrics.json: parameter counts, tensor bytes,
     modules per format.
     """
     owner = plan(source, high, recipe)
@@ -248,7 +249,7 @@ def export_mlx(source: ModelSource, out: Path, dtype: str = "bf16", high: ModelS
         stats["params_dense"] += t.numel()
     for name in progress(sorted(quantized), desc="mlx", unit="module"):
         src = quantized[name]
-        qp = src.qparams(name)
+        qp = src.qparams(name, device)
         stats["params_quantized"] += qp.codes.numel()
         for local, t in mlx_tensors(qp, src.fmt, DTYPES[dtype]).items():
             writer.add(f"{name}.{local}", t)

@@ -55,6 +55,8 @@ class ExportConfig:
     """mlx mixed precision: a quantized directory of the same model at more bits (e.g. int6 for an int3 export)."""
     max_shard_bytes: int = 5 * 10**9
     """Largest safetensors shard; bigger checkpoints are split with an index file."""
+    device: str = "auto"
+    """Where codes are packed and compressed (mlx, compressed-tensors), a module at a time: auto = CUDA when present, cpu, cuda[:N]; the files are the same on every device."""
 
     def validate(self) -> None:
         if not self.model:
@@ -131,20 +133,23 @@ def _check_out(out: Path) -> None:
 
 def export(cfg: ExportConfig) -> Path:
     """Run the `famex export` stage described by ``cfg``; returns the output directory."""
+    from famex.models import resolve_device
+
+    device = resolve_device(cfg.device)  # a missing CUDA device fails before anything is opened
     source, high = _open(cfg)
     out = Path(cfg.out)
     _check_out(out)
     inputs = {"model": cfg.model if source is not None else None, "mixed_from": cfg.mixed_from or None,
               "tokenizer": cfg.tokenizer or None}
-    stage = Stage(out, "export", cfg, inputs, identity_exclude=("max_shard_bytes",))
+    stage = Stage(out, "export", cfg, inputs, identity_exclude=("max_shard_bytes", "device"))
     if stage.begin():
         return out
     try:
         with atomic_dir(out) as tmp:
             if cfg.to == "compressed-tensors":
-                stats = ct.export_compressed_tensors(source, tmp, cfg.dtype, cfg.max_shard_bytes)
+                stats = ct.export_compressed_tensors(source, tmp, cfg.dtype, cfg.max_shard_bytes, device)
             elif cfg.to == "mlx":
-                stats = mlx.export_mlx(source, tmp, cfg.dtype, high, cfg.mixed, cfg.max_shard_bytes)
+                stats = mlx.export_mlx(source, tmp, cfg.dtype, high, cfg.mixed, cfg.max_shard_bytes, device)
             elif source is None:
                 stats = hf.export_hf_gguf(cfg.model, tmp, cfg.dtype)
             else:
