@@ -250,6 +250,36 @@ def test_kill_and_resume_equals_an_uninterrupted_run(trained, tmp_path):
     assert read_meta(out)["start"] == read_meta(tmp_path / "ref")["start"]
 
 
+def test_a_start_read_from_the_gptq_stage_trains_the_same_model_as_one_computed_here(trained, tmp_path):
+    """--init-from a finished GPTQ directory: the QAD result equals, bit for bit, a QAD that ran the same GPTQ
+    itself; a directory that is not that start (another format, calibration or an RTN start) is refused."""
+    from famex.quant.stage import QuantizeConfig, quantize_stage
+
+    common = dict(model=str(trained.model), format="int3", norm_fusion=True, calib_tokens=512, seed=1)
+    quantize_stage(QuantizeConfig(method="gptq", calib=str(trained.data), out=str(tmp_path / "gptq"), **common))
+
+    def qad(out, **kw):
+        quantize_stage(QuantizeConfig(method="qad", logits=str(trained.train), val_logits=str(trained.val),
+                                      data=str(trained.data), out=str(tmp_path / out), iters=4, global_batch=4, micro_batch=2,
+                                      lr=1e-4, save_every=0, eval_every=0, **{**common, "init": "gptq", **kw}))
+        return tmp_path / out
+
+    here, reused = qad("here"), qad("reused", init_from=str(tmp_path / "gptq"))
+    for f in ("model.safetensors", "qparams.safetensors"):
+        a, b = load_file(str(here / f)), load_file(str(reused / f))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f
+    assert read_meta(reused)["start"] == {"calib_tokens": 512, "from": str(tmp_path / "gptq")}
+    assert json.loads((reused / "metrics.json").read_text())["val_kl"] == json.loads((here / "metrics.json").read_text())["val_kl"]
+    with pytest.raises(FamexError, match=r"format 'int3' \(QAD wants 'int4'\)"):
+        qad("a", format="int4", init_from=str(tmp_path / "gptq"))
+    with pytest.raises(FamexError, match=r"calib_tokens 512 \(QAD wants 1024\)"):
+        qad("b", calib_tokens=1024, init_from=str(tmp_path / "gptq"))
+    with pytest.raises(FamexError, match="--init-from is for --init gptq"):
+        qad("c", init="rtn", init_from=str(tmp_path / "gptq"))
+    with pytest.raises(FamexError, match="no meta.json"):
+        qad("d", init_from=str(tmp_path / "nowhere"))
+
+
 def test_bad_input(trained, tmp_path):
     from famex.quant.stage import QuantizeConfig, quantize_stage
 

@@ -233,7 +233,29 @@ def test_dry_run_prints_plan_and_costs_without_running(tmp_path, assets):
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.slow  # SIGKILL + resume, ~15-75 s on 2 cores: `make test-slow`
+def test_a_gguf_teacher_is_dequantized_once_into_a_directory_every_stage_reads(tmp_path, assets):
+    """The default (GGUF) teacher becomes <run>/teacher (famex prune with nothing removed) before anything else;
+    data, logits, pruning, the chat data, the teacher's quantization and its evaluation read that directory."""
+    students = 'name = "p"\nprune = { layers = 1, calib_tokens = 256 }'
+    quantize = 'calib_tokens = 512\n\n[[quantize.matrix]]\nmodels = ["teacher"]\nformats = ["int4"]\nmethods = ["rtn"]'
+    chat = "demo_chat = true\nseq_len = 64\nlogits = true"
+    recipe = load_recipe(write_recipe(tmp_path / "r.toml", assets, teacher='model = "default"', student=students,
+                                      quantize=quantize, chat=chat, sft="students = [\"p\"]", dpo=None, export=None),
+                         out=str(tmp_path / "run"))
+    nodes = {n.name: n for n in recipe.nodes}
+    teacher = str(tmp_path / "run" / "teacher")
+    assert recipe.nodes[0].name == "teacher" and recipe.nodes[0].stage == "prune"
+    assert nodes["teacher"].config == {"teacher": "default", "out": teacher}  # nothing removed: the teacher's weights
+    uses = {"data": "tokenizer", "logits-train": "teacher", "logits-val": "teacher", "prune-p": "teacher",
+            "data-chat": "tokenizer", "logits-chat": "teacher", "quantize-teacher-int4-rtn": "model", "eval-teacher": "model"}
+    for name, key in uses.items():
+        assert nodes[name].config[key] == teacher and "teacher" in nodes[name].deps, name
+    directory = load_recipe(write_recipe(tmp_path / "d.toml", assets, student=students, quantize=quantize, chat=None,
+                                         sft=None, dpo=None, export=None), out=str(tmp_path / "run2"))
+    assert "teacher" not in {n.name for n in directory.nodes}  # a model directory is read as it is
+
+
+@pytest.mark.slow  # a prune and a distillation run, ~1 min on 2 cores: `make test-slow`
 def test_a_student_pruned_from_the_teacher_is_cut_then_distilled(tmp_path, assets):
     """[[student]] prune = {...}: famex run cuts it from the teacher (famex prune), then distils that directory."""
     from transformers import AutoConfig
@@ -285,6 +307,18 @@ def test_twins_share_one_prune_stage_and_the_teacher_is_quantized_against_its_ow
         assert "eval-teacher" in ev.deps
     qad = nodes["quantize-teacher-int4-qad-nf"]
     assert qad.config["logits"] == str(run / "logits-train") and "logits-train" in qad.deps
+    assert "init_from" not in qad.config  # an RTN start (the default) keeps full-precision latents: computed in the stage
+    # A GPTQ start with the same calibration is read from the GPTQ stage's output instead of being computed again.
+    gptq_start = quantize.replace("calib_tokens = 512", "calib_tokens = 512\n\n[quantize.qad]\ninit = \"gptq\"")
+    nodes = {n.name: n for n in load_recipe(write_recipe(tmp_path / "g.toml", assets, student=students, quantize=gptq_start,
+                                                         chat=None, sft=None, dpo=None, export=None), out=str(run)).nodes}
+    for model in ("teacher", "p"):
+        qad, gptq = nodes[f"quantize-{model}-int4-qad-nf"], nodes[f"quantize-{model}-int4-gptq-nf"]
+        assert qad.config["init_from"] == gptq.config["out"] and gptq.name in qad.deps
+    other = gptq_start.replace('init = "gptq"', 'init = "gptq"\ncalib_tokens = 1024')
+    nodes = {n.name: n for n in load_recipe(write_recipe(tmp_path / "o.toml", assets, student=students, quantize=other,
+                                                         chat=None, sft=None, dpo=None, export=None), out=str(run)).nodes}
+    assert "init_from" not in nodes["quantize-p-int4-qad-nf"].config  # another calibration: not the same start
     assert nodes["quantize-p-int4-rtn-nf"].config["model"] == str(run / "distill-p")
     with pytest.raises(FamexError, match="names the teacher"):
         load_recipe(write_recipe(tmp_path / "bad.toml", assets, student='name = "teacher"\npreset = "tiny-apertus"'))

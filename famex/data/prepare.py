@@ -86,6 +86,10 @@ class DataConfig:
     """Chat records: a Jinja chat template file to render with (saved with the tokenizer) instead of the tokenizer's own."""
     demo_chat: bool = False
     """Build the offline demo chat + preference sets (trivia_qa / nq_open questions answered by the --tokenizer model) into OUT/sources/, then tokenize the chat set."""
+    demo_chat_answers: int = 256
+    """--demo-chat: questions answered for the chat (SFT) set."""
+    demo_chat_pairs: int = 128
+    """--demo-chat: further questions made into preference pairs (DPO): a greedy and a sampled answer each."""
     shard: str = ""
     """I/N: tokenize only part I (0-based) of N of the input files, by size, into OUT/parts/; the part that finishes last merges them (under torchrun: RANK/WORLD_SIZE)."""
 
@@ -102,6 +106,8 @@ class DataConfig:
             raise FamexError("--seq-len must be at least 2")
         if self.demo and self.input:
             raise FamexError("give either --demo or --input, not both")
+        if self.demo_chat_answers < 1 or self.demo_chat_pairs < 1:
+            raise FamexError("--demo-chat-answers and --demo-chat-pairs must be at least 1")
         if self.demo_chat and (self.input or self.demo):
             raise FamexError("--demo-chat builds its own chat records; give it without --input and --demo")
         if self.demo and self.chat:
@@ -315,7 +321,10 @@ def _documents(cfg: DataConfig, paths: list[Path], out: Path) -> Iterator:
     if cfg.demo_chat:
         from famex.posttrain.demo import build_demo_chat
 
-        paths = [build_demo_chat(out / "sources", cfg.tokenizer).chat]
+        from famex.posttrain.demo import DemoChatConfig
+
+        sizes = DemoChatConfig(n_chat=cfg.demo_chat_answers, n_pairs=cfg.demo_chat_pairs)
+        paths = [build_demo_chat(out / "sources", cfg.tokenizer, sizes).chat]
     if cfg.is_chat:
         from famex.data.chat import read_chat_records
 

@@ -84,6 +84,8 @@ class QuantizeConfig:
     """qad: the famex data directory the store was made from (train split trains, val split validates)."""
     init: Literal["rtn", "gptq"] = "rtn"
     """qad: the quantization QAD starts from."""
+    init_from: str = ""
+    """qad with --init gptq: a finished `famex quantize --method gptq` directory of the same --model, format, norm fusion and calibration to start from instead of running GPTQ again (its `famex eval` is the start's validation)."""
     tokens: int = 100_000_000
     """qad: training tokens (the paper's ≈100M; --iters, when given, wins)."""
     tail: Literal["renormalize", "bucket"] = "bucket"
@@ -116,8 +118,9 @@ class QuantizeConfig:
                                  "high precision (quantize them afterwards is not supported either)")
             if self.tokens < 1:
                 raise FamexError(f"--tokens must be positive, not {self.tokens}")
-        elif self.logits or self.data or self.val_logits:
-            raise FamexError(f"--logits / --val-logits / --data are for --method qad; {self.method} calibrates on --calib DATA_DIR")
+        elif self.logits or self.data or self.val_logits or self.init_from:
+            raise FamexError(f"--logits / --val-logits / --data / --init-from are for --method qad; {self.method} calibrates on "
+                             "--calib DATA_DIR")
         if self.calib_tokens < 1:
             raise FamexError(f"--calib-tokens must be positive, not {self.calib_tokens}")
 
@@ -378,7 +381,10 @@ def _quantize_qad(cfg: QuantizeConfig) -> Path:
     global_batch, lr = qad_batch_and_lr(cfg, spec)
     iters = int(cfg.iters or max(1, math.ceil(cfg.tokens / (global_batch * chunks.seq_len))))
 
-    inputs = {"model": str(spec.path), "data": cfg.data, "logits": cfg.logits, "val_logits": cfg.val_logits or None}
+    if cfg.init_from:
+        check_init_from(cfg, spec, fmt)
+    inputs = {"model": str(spec.path), "data": cfg.data, "logits": cfg.logits, "val_logits": cfg.val_logits or None,
+              "init_from": cfg.init_from or None}
     stage = Stage(out, "quantize", cfg, inputs, identity_exclude=TRAIN_IDENTITY_EXCLUDE)
     old = read_meta(out) or {}
     extra = {"iters": iters, "lr": lr, "global_batch": global_batch}
@@ -388,7 +394,7 @@ def _quantize_qad(cfg: QuantizeConfig) -> Path:
     if done:
         return out
     with stage_on_ranks(stage, d) as finish:
-        model = load_model(spec)
+        model = load_model(cfg.init_from or spec)  # the start's on-grid (and norm-fused) weights, or the model's own
         if model.config.vocab_size != chunks.vocab_size:
             raise FamexError(f"vocab size mismatch: model {cfg.model} has {model.config.vocab_size}, data {chunks.vocab_size} — "
                              "the model must share the teacher's tokenizer")
@@ -396,6 +402,8 @@ def _quantize_qad(cfg: QuantizeConfig) -> Path:
             # The checkpoint holds latent weights, norms and scales: shapes are all the start must supply.
             qparams, act = placeholder_qparams(model, fmt)
             calib_tokens = int((old.get("start") or {}).get("calib_tokens", 0))
+        elif cfg.init_from:
+            qparams, act, calib_tokens = start_from(model, cfg.init_from, fmt, cfg.norm_fusion)
         else:
             calib = calibration_batches(chunks, cfg.calib_tokens, cfg.seed) if needs_calibration(fmt, cfg.init) else None
             start = init_quantization(model, fmt, cfg.init, calib, cfg.norm_fusion, **gptq_options(cfg))
@@ -404,7 +412,9 @@ def _quantize_qad(cfg: QuantizeConfig) -> Path:
         task = DistillTask(chunks, store, kl_weight=1.0, tail=cfg.tail, val_chunks=val, val_store=val_store)
         if d.main and "start" not in stage.meta and not checkpoint_dirs(out):
             start_val = {"calib_tokens": calib_tokens}
-            if val is not None:
+            if cfg.init_from:
+                start_val["from"] = cfg.init_from  # measured there (famex eval of that directory), not again here
+            elif val is not None:
                 start_val.update(validate_chunks(model, val, val_store, 0, 1, cfg.eval_chunks, tail=cfg.tail))
             stage.update(start=start_val)
         result = train(model, task, cfg, iters=iters, lr=lr, global_batch=global_batch, d=d,
@@ -425,6 +435,49 @@ def _quantize_qad(cfg: QuantizeConfig) -> Path:
             metrics.update(size_metrics(final, fmt, qparams))
             finish(metrics)
     return out
+
+
+def check_init_from(cfg: QuantizeConfig, spec, fmt) -> None:
+    """Refuse an ``--init-from`` directory that is not the start this QAD would compute itself: a finished
+    `famex quantize --method gptq` of the same model, format, norm fusion and calibration."""
+    from famex.quant.checkpoint import is_quantized, read_info
+    from famex.stage import require_complete
+
+    if cfg.init != "gptq":
+        raise FamexError("--init-from is for --init gptq: an RTN start takes seconds here and keeps the full-precision "
+                         "latent weights QAD trains, which an RTN directory no longer holds (drop --init-from)")
+    meta = require_complete(cfg.init_from, "quantize", "--init-from")
+    if not is_quantized(cfg.init_from):
+        raise FamexError(f"--init-from {cfg.init_from} holds no quantized model (quantization.json / qparams.safetensors)")
+    info = read_info(cfg.init_from)
+    made = meta.get("config", {})
+    source = ((meta.get("inputs") or {}).get("model") or {}).get("path")
+    wanted = {"method": cfg.init, "format": fmt.name, "norm_fusion": cfg.norm_fusion, "model": str(spec.path)}
+    have = {"method": info.get("method"), "format": info.get("format_name"), "norm_fusion": info.get("norm_fusion"),
+            "model": source}
+    # GPTQ's result depends on its calibration sample: the same data's train split, tokens, seed and options.
+    wanted.update(calib=str(Path(cfg.data).resolve()), calib_tokens=cfg.calib_tokens, seed=cfg.seed,
+                  act_order=cfg.act_order, damp=cfg.damp)
+    have.update(calib=str(Path(made.get("calib") or "").resolve()), calib_tokens=made.get("calib_tokens"),
+                seed=made.get("seed"), act_order=made.get("act_order"), damp=made.get("damp"))
+    if made.get("embeddings") or made.get("lm_head"):
+        have["embeddings / lm_head"], wanted["embeddings / lm_head"] = True, False
+    differ = [f"{k} {have[k]!r} (QAD wants {wanted[k]!r})" for k in wanted if have.get(k) != wanted[k]]
+    if differ:
+        raise FamexError(f"--init-from {cfg.init_from} is not the start this QAD asks for: " + "; ".join(differ)
+                         + " — quantize with the same options first, or drop --init-from to quantize here")
+
+
+def start_from(model, path: str, fmt, norm_fusion: bool) -> tuple[dict, list[str], int]:
+    """QAD's start read from a quantized directory (``model`` loaded from it): its qparams, the modules whose
+    inputs the format quantizes and its calibration tokens; the latent weights are its on-grid weights."""
+    from famex.quant.checkpoint import load_qparams, read_info
+    from famex.quant.model import QUANT_MARKER
+
+    info = read_info(path)
+    qparams = load_qparams(path)
+    setattr(model.config, QUANT_MARKER, {"format": fmt.name, "method": "qad", "norm_fusion": norm_fusion})
+    return qparams, list(info.get("activation_modules", [])), int(info.get("calib_tokens") or 0)
 
 
 # The uniform stage interface `famex run` uses: a config class and a function that runs it.

@@ -145,16 +145,25 @@ def load_recipe(path: str | Path, out: str | None = None) -> Recipe:
         _validate_stage_config(node.stage, node.config, f"{where} [{node.stage}] ({node.name})")
         return node
 
+    # -- the teacher: a GGUF file is dequantized once into a plain HF directory (`famex prune` with
+    # nothing removed: the same weights), which every later stage loads in a fraction of a second
+    # instead of dequantizing the GGUF again (~15 s for the 135M default on 2 cores).
+    teacher_model, teacher_deps = str(teacher["model"]), []
+    if _is_gguf(teacher_model):
+        tnode = add(Node("teacher", "prune", {"teacher": teacher_model, "out": str(root / "teacher")}, [],
+                         {"converts": teacher_model}))
+        teacher_model, teacher_deps = tnode.config["out"], [tnode.name]
+
     # -- data
     data_cfg = dict(raw.get("data", {}))
     if "out" in data_cfg:
         raise FamexError(f"{where}: [data] out is set by the run (it writes {root / 'data'}); remove it")
-    data_cfg.setdefault("tokenizer", teacher["model"])  # students and stores share the teacher's tokenizer
+    data_cfg.setdefault("tokenizer", teacher_model)  # students and stores share the teacher's tokenizer
     students = raw.get("student", [])
     if isinstance(students, dict):
         students = [students]
     _check_vocab(students, raw.get("chat", {}), teacher, data_cfg, where)
-    data = add(Node("data", "data", {**data_cfg, "out": str(root / "data")}))
+    data = add(Node("data", "data", {**data_cfg, "out": str(root / "data")}, list(teacher_deps)))
     data_dir = data.config["out"]
 
     # -- logits (train, and val for validation KL)
@@ -163,9 +172,9 @@ def load_recipe(path: str | Path, out: str | None = None) -> Recipe:
     store_nodes: dict[str, Node] = {}
     for split in ["train"] + (["val"] if want_val_store else []):
         store_nodes[split] = add(Node(f"logits-{split}", "logits", {
-            **logits_cfg, "teacher": teacher["model"], "data": data_dir, "split": split,
+            **logits_cfg, "teacher": teacher_model, "data": data_dir, "split": split,
             "out": str(root / f"logits-{split}"),
-        }, deps=["data"]))
+        }, deps=["data", *teacher_deps]))
 
     # -- students
     shared = dict(raw.get("distill", {}))
@@ -192,9 +201,9 @@ def load_recipe(path: str | Path, out: str | None = None) -> Recipe:
                                  "replaces preset / model; give one of them")
             key = repr(sorted(prune.items()))
             if key not in prune_nodes:
-                prune_nodes[key] = add(Node(f"prune-{sname}", "prune", {**prune, "teacher": teacher["model"], "data": data_dir,
+                prune_nodes[key] = add(Node(f"prune-{sname}", "prune", {**prune, "teacher": teacher_model, "data": data_dir,
                                                                         "out": str(root / f"prune-{sname}")},
-                                            ["data"], {"student": sname}))
+                                            ["data", *teacher_deps], {"student": sname}))
             pnode = prune_nodes[key]
             preset = pnode.config["out"]
             widths[sname] = {k: prune[k] for k in ("hidden", "mlp") if isinstance(prune.get(k), int)}
@@ -225,18 +234,19 @@ def load_recipe(path: str | Path, out: str | None = None) -> Recipe:
         chat_top_k = chat_cfg.pop("top_k", logits_cfg.get("top_k", 64))
         # The instruct teacher (the paper: Apertus-8B-Instruct) whose logits over the chat data
         # SFT may distil from and instruct QAD does; default: [teacher] model.
-        chat_teacher = chat_cfg.pop("teacher", teacher["model"])
+        chat_teacher = chat_cfg.pop("teacher", teacher_model)
+        chat_deps = list(teacher_deps) if chat_teacher == teacher_model else []
         if not chat_cfg.get("demo_chat") and not chat_cfg.get("input"):
             raise FamexError(f"{where}: [sft]/[dpo] need chat data: set [chat] demo_chat = true or [chat] input = [CHAT.jsonl...]")
         chat_cfg.setdefault("tokenizer", chat_teacher)
         if not chat_cfg.get("demo_chat"):
             chat_cfg["chat"] = True
-        chat_nodes["data"] = add(Node("data-chat", "data", {**chat_cfg, "out": str(root / "data-chat")}))
+        chat_nodes["data"] = add(Node("data-chat", "data", {**chat_cfg, "out": str(root / "data-chat")}, list(chat_deps)))
         if chat_logits:
             chat_nodes["logits"] = add(Node("logits-chat", "logits", {
                 **{k: v for k, v in logits_cfg.items() if k not in ("top_k",)}, "top_k": chat_top_k,
                 "teacher": chat_teacher, "data": chat_nodes["data"].config["out"], "split": "train",
-                "out": str(root / "logits-chat")}, deps=["data-chat"]))
+                "out": str(root / "logits-chat")}, deps=["data-chat", *chat_deps]))
         sft_cfg = dict(raw.get("sft", {}))
         sft_students = sft_cfg.pop("students", list(student_nodes)[:1])
         dpo_cfg = dict(raw.get("dpo", {}))
@@ -263,7 +273,7 @@ def load_recipe(path: str | Path, out: str | None = None) -> Recipe:
     # -- quantization matrix (formats × methods × norm fusion per model), then exports
     # The teacher is a family member to quantize too (the paper releases Apertus-8B in FP8 / NVFP4 /
     # INT4): "teacher" in a matrix's models, QAD's teacher being the BF16 model itself (its store).
-    sources = {"teacher": (Node("teacher", "teacher", {"out": teacher["model"]}), "base")}
+    sources = {"teacher": (by_name.get("teacher") or Node("teacher", "teacher", {"out": teacher_model}), "base")}
     sources.update({name: (node, "base") for name, node in student_nodes.items()})
     sources.update({f"{name}:instruct": (node, "instruct") for name, node in instruct.items()})
     stores = {"base": (data_dir, store_nodes.get("train"), store_nodes.get("val")),
@@ -299,7 +309,7 @@ def load_recipe(path: str | Path, out: str | None = None) -> Recipe:
             evals[name] = add(Node(name, "eval", config, deps, {"kind": kind}))
 
         if with_teacher:
-            add_eval(None, teacher["model"], "teacher", ["data"])
+            add_eval(None, teacher_model, "teacher", ["data", *teacher_deps])
         for node in list(nodes):
             if node.stage == "distill":
                 add_eval(node, node.config["out"], "base", [node.name])
@@ -321,6 +331,10 @@ def load_recipe(path: str | Path, out: str | None = None) -> Recipe:
              deps=[n.name for n in nodes]))
 
     return Recipe(path, raw, name, root, run.get("minutes"), nodes)
+
+
+def _is_gguf(spec: str) -> bool:
+    return spec == "default" or spec.endswith(".gguf")
 
 
 def _check_vocab(students: list[dict[str, Any]], chat: dict[str, Any], teacher: dict[str, Any],
@@ -422,6 +436,7 @@ def _quantize_nodes(section: dict[str, Any] | None, sources: dict[str, tuple[Nod
             raise FamexError(f"{where}: [quantize] {key} is set per variant by the run; use the [[quantize.matrix]] lists "
                              "(models, formats, methods, norm_fusion)")
     nodes: list[Node] = []
+    made: dict[tuple, Node] = {}  # (model, format, method, norm fusion) -> its node: a GPTQ one is a start QAD may reuse
     for i, entry in enumerate(matrix, 1):
         entry = dict(entry)
         here = f"{where}: [[quantize.matrix]] #{i}"
@@ -476,12 +491,35 @@ def _quantize_nodes(section: dict[str, Any] | None, sources: dict[str, tuple[Nod
                 if val_store is not None:
                     config["val_logits"] = val_store.config["out"]
                     deps.append(val_store.name)
+                start = _reusable_start(made, config, name, fmt, nf)
+                if start is not None:  # QAD starts from that stage's output instead of quantizing again
+                    config.setdefault("init_from", start.config["out"])
+                    deps.append(start.name)
             elif needs_calibration(parse_format(fmt), method):
                 config["calib"] = data
             if kind == "instruct" and data:
                 deps.append("data-chat")
             nodes.append(add(Node(vname, "quantize", config, deps, {"source": source.name, "kind": kind, "model": name})))
+            made[(name, fmt, method, nf)] = nodes[-1]
     return nodes
+
+
+# What a GPTQ start depends on besides model, format and norm fusion (`famex.quant.stage.check_init_from`).
+_START_KEYS = ("calib_tokens", "seed", "act_order", "damp")
+
+
+def _reusable_start(made: dict[tuple, Node], qad: dict[str, Any], name: str, fmt: str, nf: bool) -> Node | None:
+    """The GPTQ node of this plan whose output is exactly the start a QAD node with init = "gptq" would compute."""
+    from famex.quant.stage import QuantizeConfig
+
+    if qad.get("init", QuantizeConfig.init) != "gptq":  # an RTN start keeps the full-precision latent weights
+        return None
+    node = made.get((name, fmt, "gptq", nf))
+    if node is None or node.config.get("embeddings") or node.config.get("lm_head"):
+        return None
+    if any(node.config.get(k, getattr(QuantizeConfig, k)) != qad.get(k, getattr(QuantizeConfig, k)) for k in _START_KEYS):
+        return None
+    return node
 
 
 def _export_nodes(section: dict[str, Any] | None, quant_nodes: list[Node], root: Path,
