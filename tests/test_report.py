@@ -551,7 +551,9 @@ def test_pruned_vs_random_init_twins_and_qad_recovery_carry_paired_errors(tmp_pa
         atomic_write_json(d / "val_chunks.json", {"ce_sum": [float(x) for x in sums], "tokens": tokens})
         return sums
 
-    shape = {"teacher": "default", "layers": 4, "mlp": 512}
+    # The teacher as `famex run` now holds a GGUF one: dequantized into the tree by a prune that removes nothing.
+    teacher = write_stage(root, "teacher", "prune", {"teacher": "default", "out": str(root / "teacher")})
+    shape = {"teacher": str(teacher), "layers": 4, "mlp": 512}
     pruned = write_stage(root, "prune-p", "prune", {**shape, "out": str(root / "prune-p")})
     rand = write_stage(root, "prune-p-rand", "prune", {**shape, "random_init": True, "out": str(root / "prune-p-rand")})
     for name, student, obj in (("distill-p", pruned, "kd"), ("distill-p-ce", pruned, "ce"), ("distill-p-rand", rand, "kd")):
@@ -559,8 +561,8 @@ def test_pruned_vs_random_init_twins_and_qad_recovery_carry_paired_errors(tmp_pa
                     {"val_loss": 9.0, "params": 1000, "objective": obj}, inputs={"model": student})
     for fmt_name, method in (("int4", "rtn"), ("int4", "gptq"), ("int4", "qad")):
         write_stage(root, f"quantize-teacher-{fmt_name}-{method}", "quantize",
-                    {"model": "default", "format": fmt_name, "method": method, "norm_fusion": True})
-    sums = {"teacher": ev("teacher", "default", 0.0, name="teacher"),
+                    {"model": str(teacher), "format": fmt_name, "method": method, "norm_fusion": True}, inputs={"model": teacher})
+    sums = {"teacher": ev("teacher", teacher, 0.0, name="teacher"),
             "p": ev("p", root / "distill-p", 0.5), "p-ce": ev("p-ce", root / "distill-p-ce", 0.8),
             "p-rand": ev("p-rand", root / "distill-p-rand", 2.0)}
     for method, shift in (("rtn", 0.30), ("gptq", 0.10), ("qad", 0.04)):
@@ -573,9 +575,10 @@ def test_pruned_vs_random_init_twins_and_qad_recovery_carry_paired_errors(tmp_pa
         se = np.sqrt(len(d) / (len(d) - 1) * ((d - r * t) ** 2).sum()) / t.sum()
         return f"{r:+.3f} ± {se:.3f} ({abs(r) / se:.0f} s.e.)"
 
-    init_line = next(line for line in text.splitlines() if "| distill-p-rand |" in line and "| distill-p |" in line)
+    training = text[text.index("## Training curves"):]
+    init_line = next(line for line in training.splitlines() if "| distill-p-rand |" in line and "| distill-p |" in line)
     assert "| KD |" in init_line and "| distill-p |" in init_line and diff("p", "p-rand") in init_line
-    twin_line = next(line for line in text.splitlines() if "| distill-p-ce |" in line and "| distill-p |" in line)
+    twin_line = next(line for line in training.splitlines() if "| distill-p-ce |" in line and "| distill-p |" in line)
     assert twin_line.startswith("| prune-p | distill-p |") and diff("p", "p-ce") in twin_line
     qad_line = next(line for line in text.splitlines() if line.startswith("| int4 | yes |"))
     gap = {m: (sums[m] - sums["teacher"]).sum() / t.sum() for m in ("rtn", "gptq", "qad")}
@@ -583,3 +586,20 @@ def test_pruned_vs_random_init_twins_and_qad_recovery_carry_paired_errors(tmp_pa
     assert f"{100 * (gap['rtn'] - gap['qad']) / gap['rtn']:.1f}%" in qad_line
     assert f"{100 * (gap['gptq'] - gap['qad']) / gap['gptq']:.1f}%" in qad_line
     assert "### teacher (base)" in text  # the teacher's own ablation
+
+    # The findings at the top: every claim of the run as one paired difference, noise marked.
+    findings = text[text.index("## Findings"):text.index("## Training curves")]
+
+    def row(label: str) -> str:
+        return next(line for line in findings.splitlines() if line.startswith(f"| {label} |"))
+
+    assert diff("p", "teacher") in row("student − teacher") and "| distill-p | 4." in row("student − teacher")
+    assert diff("p", "p-ce") in row("KD − CE-only") and diff("p", "p-rand") in row("from the teacher − random init")
+    assert diff("gptq", "rtn") in row("GPTQ − RTN + NF, teacher int4")
+    qad = row("QAD − GPTQ + NF, teacher int4")
+    assert diff("qad", "gptq") in qad and f"recovers {100 * (gap['gptq'] - gap['qad']) / gap['gptq']:.1f}% of GPTQ's gap" in qad
+    # The tree's dequantized directory is the teacher (for the fronts), its quantized variants are not.
+    from famex.report.stage import _is_teacher
+
+    rows = json.loads((tmp_path / "report" / "summary.json").read_text())
+    assert sorted(r["variant"] for r in rows if _is_teacher(r)) == ["teacher"]

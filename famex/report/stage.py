@@ -2,7 +2,9 @@
 
 Writes, into one directory built under a temporary name and renamed when complete:
 
-- ``report.md``: the Pareto front (paper Fig. 3: cost = size on disk or FLOPs per token; quality =
+- ``report.md``: the findings (each student against the teacher, KD against CE-only, teacher-initialised
+  against random-init, GPTQ against RTN and QAD against GPTQ at each format: paired differences in val
+  loss ± s.e., noise marked; instruct recovery with its interval), the Pareto front (paper Fig. 3: cost = size on disk or FLOPs per token; quality =
   validation loss for base models, few-shot average for instruct ones; the front listed in a
   table), training curves of distilled vs CE-only students, logit-store statistics, the
   quantization ablation (Fig. 4: Δ val loss over BF16 and few-shot recovery for every format ×
@@ -42,6 +44,7 @@ from typing import Any, Callable, Literal
 
 from famex.config import add_config_arguments, resolve_config
 from famex.errors import FamexError
+from famex.eval.stats import NOISE_SE
 from famex.report import plots, tables
 from famex.report.runtree import COST_KEYS, QUALITY, SUMMARY_KEYS, RunTree, model_rows, read_tree, training_runs
 from famex.stage import COMPLETE, Stage, read_meta
@@ -131,8 +134,9 @@ def _missing(rows: list[dict[str, Any]], keys: tuple[str, ...]) -> str:
 
 
 def _is_teacher(row: dict) -> bool:
-    """The run's teacher: evaluated under the name `famex run` gives it, from outside the run tree."""
-    return row.get("model") == "teacher" and row.get("source_stage") is None
+    """The run's teacher: evaluated under the name `famex run` gives it, from outside the run tree or from the
+    directory the run dequantized a GGUF teacher into (a `famex prune` that removed nothing)."""
+    return row.get("model") == "teacher" and row.get("source_stage") in (None, "prune")
 
 
 def section_pareto(ctx: Context) -> str:
@@ -171,6 +175,30 @@ def section_pareto(ctx: Context) -> str:
     if not drawn:
         raise Skip(f"no evaluated model has both {ctx.cost_key} and its quality metric (val_loss for base, "
                    f"fewshot_avg for instruct): {_missing(ctx.rows, (ctx.cost_key, 'val_loss', 'fewshot_avg'))}")
+    return "\n\n".join(parts)
+
+
+def section_findings(ctx: Context) -> str:
+    if not ctx.rows:
+        raise Skip(NO_EVAL)
+    runs = training_runs(ctx.tree, ("distill",))
+    prunes = {str(Path(str(p.config.get("out") or p.path)).resolve()): p.config for p in ctx.tree.of("prune")}
+    teacher = next((r for r in ctx.rows if _is_teacher(r) and r.get("format") == "bf16" and r.get("val_loss") is not None), None)
+    body = tables.findings_rows(ctx.rows, runs, prunes, teacher)
+    recovery = tables.recovery_rows(ctx.rows)
+    if not body and not recovery:
+        raise Skip("no pair of evaluated models to compare (a student and the teacher, twins, or two methods at one format)")
+    parts = []
+    if body:
+        parts.append("What this run measured, by validation loss in nats/token (lower is better). Each difference A − B "
+                     "is paired over the same validation chunks, ± its standard error; \"N s.e.\" says how many standard "
+                     f"errors it is from zero, and a difference under {NOISE_SE:g} s.e. is marked within noise.")
+        parts.append(tables.findings_table(body))
+    if recovery:
+        parts.append("Instruct variants: few-shot average and recovery (% of the BF16 instruct model's average; ± s.e., "
+                     "the two models taken as independent). A recovery whose 95% interval is wider than "
+                     f"± {tables.RECOVERY_NOISE_POINTS:g} points is marked noise: too few items to tell methods apart.")
+        parts.append(tables.md_table(["variant", "few-shot average", "recovery"], recovery))
     return "\n\n".join(parts)
 
 
@@ -316,6 +344,7 @@ def section_models(ctx: Context) -> str:
 
 
 SECTIONS: list[tuple[str, Callable[[Context], str]]] = [
+    ("Findings", section_findings),
     ("Pareto front", section_pareto),
     ("Training curves", section_training),
     ("Logit store", section_logits),

@@ -413,6 +413,63 @@ def qad_recovery_table(formats: dict[str, dict[tuple[str, bool], dict]]) -> str:
                      "GPTQ gap recovered"], body)
 
 
+# ---------------------------------------------------------------- findings: the run's claims, each with its noise
+
+
+def _compare(label: str, a: dict[str, Any], b: dict[str, Any], note: str = "") -> list[str]:
+    """One findings row: val loss of evaluation rows a and b and a − b ± its s.e., paired over their chunks."""
+    from famex.eval.stats import paired_se
+
+    va, vb = a.get("val_loss"), b.get("val_loss")
+    diff = va - vb if va is not None and vb is not None else None
+    return [label, str(a.get("variant")), fmt_se(va, a.get("val_loss_se")), str(b.get("variant")),
+            fmt_se(vb, b.get("val_loss_se")), fmt_diff(diff, paired_se(a.get("eval_dir"), b.get("eval_dir"))), note]
+
+
+def findings_rows(rows: list[dict[str, Any]], runs: list[dict[str, Any]], prunes: dict[str, dict[str, Any]],
+                  teacher: dict[str, Any] | None) -> list[list[str]]:
+    """The comparisons a family run is made to show, by validation loss: each distilled student against the
+    teacher, distillation against its CE-only twin, a teacher-initialised student against a random-init one,
+    and at each format GPTQ against RTN and QAD against GPTQ (with the fraction of GPTQ's gap QAD recovered)."""
+    body = []
+    for run in runs:
+        ev = eval_of(run, rows)
+        if ev is not None and teacher is not None:
+            body.append(_compare("student − teacher", ev, teacher))
+    for name, pairs in (("KD − CE-only", twins(runs)), ("from the teacher − random init", init_pairs(runs, prunes))):
+        for a, b in pairs:
+            ea, eb = eval_of(a, rows), eval_of(b, rows)
+            if ea is not None and eb is not None:
+                body.append(_compare(name, ea, eb))
+    for (model, kind), formats in sorted(ablation_grid(rows).items()):
+        for fmt_name in sorted(formats, key=format_order):
+            cells = formats[fmt_name]
+            for nf in (False, True):
+                nf_text = " + NF" if nf else ""
+                rtn, gptq, qad = (cells.get((m, nf)) for m in METHODS)
+                if gptq and rtn and gptq.get("val_loss") is not None and rtn.get("val_loss") is not None:
+                    body.append(_compare(f"GPTQ − RTN{nf_text}, {model} {fmt_name}", gptq, rtn))
+                if qad and gptq and qad.get("val_loss") is not None and gptq.get("val_loss") is not None:
+                    gap, q_gap = gptq.get("val_loss_increase"), qad.get("val_loss_increase")
+                    note = (f"recovers {fmt_pct((gap - q_gap) / gap)} of GPTQ's gap to BF16"
+                            if gap is not None and q_gap is not None and gap > 0 else "")
+                    if q_gap is not None and q_gap < 0:
+                        note += " (below BF16: training, not recovery)"
+                    body.append(_compare(f"QAD − GPTQ{nf_text}, {model} {fmt_name}", qad, gptq, note.strip()))
+    return body
+
+
+def findings_table(body: list[list[str]]) -> str:
+    return md_table(["comparison", "A", "val loss", "B", "val loss", "A − B", "note"], body)
+
+
+def recovery_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
+    """Instruct variants' few-shot recovery (% of their BF16 model's few-shot average), noise marked."""
+    return [[str(r.get("variant")), fmt_acc(r.get("fewshot_avg"), r.get("fewshot_avg_stderr")),
+             fmt_recovery(r.get("recovery"), r.get("recovery_se"))]
+            for r in rows if r.get("kind") == "instruct" and r.get("recovery") is not None]
+
+
 PAPER_BYTES_PER_ENTRY = 8  # the paper stores each top-k entry as fp32 probability + int32 index
 
 
