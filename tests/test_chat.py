@@ -294,6 +294,39 @@ def test_demo_chat_sets_with_the_teacher(tmp_path, teacher):
     assert chat_questions <= set(qs[:3]) and not {p.prompt[1]["content"] for p in prefs} & chat_questions
 
 
+def test_famex_data_demo_chat_sizes_reach_the_generator(tmp_path, tokenizer_dir, monkeypatch):
+    """--demo-chat-answers / --demo-chat-pairs are the sizes the demo sets are built with (the generator is
+    replaced by one that writes that many canned records), and sizes below 1 are refused before any work."""
+    import famex.posttrain.demo as demo
+    from famex.posttrain.demo import DemoSets
+
+    seen = []
+
+    def fake_build(out, model_spec="default", cfg=None, teacher=None):
+        seen.append(cfg)
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        write_records(out / "chat.jsonl", chat_records(cfg.n_chat))
+        write_records(out / "prefs.jsonl", [])
+        return DemoSets(out / "chat.jsonl", out / "prefs.jsonl")
+
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    monkeypatch.setattr(demo, "build_demo_chat", fake_build)
+    answering = tmp_path / "model"  # --demo-chat names the answering model (with its tokenizer)
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=1)).save_pretrained(answering)
+    tok.save_pretrained(answering)
+    out = tmp_path / "chat"
+    prepare(DataConfig(demo_chat=True, demo_chat_answers=12, demo_chat_pairs=5, tokenizer=str(answering), seq_len=64,
+                       val_fraction=0.2, workers=1, out=str(out)))
+    assert [(c.n_chat, c.n_pairs) for c in seen] == [(12, 5)]
+    assert len(list(read_chat_records([out / "sources" / "chat.jsonl"]))) == 12
+    with pytest.raises(FamexError, match="--demo-chat-answers and --demo-chat-pairs must be at least 1"):
+        DataConfig(demo_chat=True, demo_chat_pairs=0, tokenizer=str(tokenizer_dir), out=str(tmp_path / "x")).validate()
+
+
 def test_famex_data_chat_resumes_byte_identical(tmp_path, tokenizer_dir, monkeypatch):
     import famex.data.prepare as prep
 

@@ -312,7 +312,7 @@ def test_partial_tree_lists_skipped_sections(tmp_path):
     out = report(ReportConfig(run_dir=str(root), out=str(tmp_path / "report")))
     md = (out / "report.md").read_text()
     metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics["skipped"]) == {"Pareto front", "Quantization ablation", "Weight averaging",
+    assert set(metrics["skipped"]) == {"Findings", "Pareto front", "Quantization ablation", "Weight averaging",
                                        "All evaluated models"}
     assert all(why and "could not be built" not in why for why in metrics["skipped"].values())
     assert "**Skipped sections**" in md
