@@ -243,6 +243,8 @@ def recipe_cost(recipe, teacher_preset: str | None = None) -> dict[str, Any]:
     stages: list[dict[str, Any]] = []
     students: dict[str, str] = {}
     infos_by_out: dict[str, dict[str, Any]] = {str(teacher_cfg["model"]): teacher}  # the teacher is quantized too
+    # (also as the directory a GGUF teacher is dequantized into: the same model)
+    infos_by_out.update({n.config["out"]: teacher for n in recipe.nodes if n.info.get("converts")})
     not_costed: list[tuple[str, str]] = []
     store = None
     for node in recipe.nodes:
@@ -286,6 +288,8 @@ def recipe_cost(recipe, teacher_preset: str | None = None) -> dict[str, Any]:
                 stages.append(row)
             else:
                 not_costed.append((node.name, "RTN (no data pass)"))
+        elif node.info.get("converts"):
+            not_costed.append((node.name, "dequantizing the GGUF teacher once (no forward pass)"))
         else:
             not_costed.append((node.name, NOT_COSTED.get(node.stage, "not a compute stage")))
     reference = _reference(teacher_cfg.get("pretraining_tokens"), teacher, paper_teacher, sized_by, teacher_cfg["model"])

@@ -148,8 +148,9 @@ def load_recipe(path: str | Path, out: str | None = None) -> Recipe:
     # -- the teacher: a GGUF file is dequantized once into a plain HF directory (`famex prune` with
     # nothing removed: the same weights), which every later stage loads in a fraction of a second
     # instead of dequantizing the GGUF again (~15 s for the 135M default on 2 cores).
+    # A run an older famex began on the GGUF itself keeps reading it, so that its finished stages still count.
     teacher_model, teacher_deps = str(teacher["model"]), []
-    if _is_gguf(teacher_model):
+    if _is_gguf(teacher_model) and not _begun_on(root, teacher_model):
         tnode = add(Node("teacher", "prune", {"teacher": teacher_model, "out": str(root / "teacher")}, [],
                          {"converts": teacher_model}))
         teacher_model, teacher_deps = tnode.config["out"], [tnode.name]
@@ -335,6 +336,18 @@ def load_recipe(path: str | Path, out: str | None = None) -> Recipe:
 
 def _is_gguf(spec: str) -> bool:
     return spec == "default" or spec.endswith(".gguf")
+
+
+def _begun_on(root: Path, teacher: str) -> bool:
+    """Whether the run's data stage was made with the (GGUF) teacher itself as its tokenizer: a run begun
+    before famex dequantized GGUF teachers into ``teacher/``."""
+    from famex.stage import read_meta
+
+    try:
+        meta = read_meta(root / "data")
+    except FamexError:
+        return False
+    return bool(meta) and (meta.get("config") or {}).get("tokenizer") == teacher and not (root / "teacher").exists()
 
 
 def _check_vocab(students: list[dict[str, Any]], chat: dict[str, Any], teacher: dict[str, Any],
