@@ -119,3 +119,28 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_dat
         distill(cfg)
     assert read_meta(out)["status"] == "failed"
     assert not (out / "model.safetensors").exists()
+
+
+def test_order_seed_sets_the_ce_chunk_order_and_nothing_else(tmp_path, tiny_data):
+    """A CE-only twin of a KD run sees the store's chunk order (`--order-seed` = the store's seed): the
+    same weights as a run whose own --seed is that seed, other weights than a run in its own order."""
+    from famex.data.packing import ChunkOrder, PackedChunks
+    from famex.distill.train import DistillTask
+    from famex.teacher.generate import _permutation
+
+    chunks = PackedChunks(tiny_data, "train")
+    task = DistillTask(chunks, None, seed=3)
+    store_order = _permutation(len(chunks), 3)
+    assert [int(task.order[i]) for i in range(len(chunks))] == [int(store_order[i]) for i in range(len(chunks))]
+    assert sorted(int(ChunkOrder(len(chunks), 3)[i]) for i in range(len(chunks))) == list(range(len(chunks)))
+
+    common = dict(data=str(tiny_data), logits="none", lr=3e-3, global_batch=4, micro_batch=4, save_every=0,
+                  eval_every=0, log_every=1)
+    start = tmp_path / "start"
+    distill(DistillConfig(student="tiny-apertus", out=str(start), iters=1, **common))
+    runs = {}
+    for name, seeds in {"own-3": dict(seed=3), "order-3": dict(seed=0, order_seed=3), "own-0": dict(seed=0)}.items():
+        runs[name] = weights(distill(DistillConfig(student=str(start), out=str(tmp_path / name), iters=3, **seeds,
+                                                   **common)))
+    assert all(torch.equal(runs["own-3"][k], runs["order-3"][k]) for k in runs["own-3"])
+    assert not all(torch.equal(runs["own-0"][k], runs["order-3"][k]) for k in runs["own-0"])

@@ -298,6 +298,7 @@ def test_twins_share_one_prune_stage_and_the_teacher_is_quantized_against_its_ow
     assert sorted(n for n in nodes if n.startswith("prune-")) == ["prune-p", "prune-p-rand"]
     assert nodes["distill-p-ce"].config["student"] == nodes["distill-p"].config["student"] == str(run / "prune-p")
     assert "prune-p" in nodes["distill-p-ce"].deps and nodes["prune-p-rand"].config["random_init"] is True
+    assert "order_seed" not in nodes["distill-p-ce"].config  # store and twin share seed 0: nothing to say
     teacher = str(assets / "teacher")
     for method in ("rtn", "gptq", "qad"):
         q = nodes[f"quantize-teacher-int4-{method}-nf"]
@@ -327,3 +328,15 @@ def test_twins_share_one_prune_stage_and_the_teacher_is_quantized_against_its_ow
     with pytest.raises(FamexError, match=r"'p' is pruned to mlp = 96, which is no multiple of the group size 64 of int4; use int4-g32"):
         load_recipe(write_recipe(tmp_path / "narrow.toml", assets, student=narrow, quantize=quantize, chat=None, sft=None,
                                  dpo=None, export=None), out=str(tmp_path / "run2"))
+
+
+def test_a_ce_twin_visits_the_chunks_in_the_stores_order(tmp_path, assets):
+    """A store made with another seed fixes the KD students' chunk order; the CE-only twin gets that
+    order (order_seed), keeping its own seed for its initialisation."""
+    logits = "top_k = 8\nval = true\nworkers = 1\ntokens_per_shard = 1024\nseed = 5"
+    recipe = load_recipe(write_recipe(tmp_path / "r.toml", assets, logits=logits, chat=None, sft=None, dpo=None,
+                                      quantize=None, export=None), out=str(tmp_path / "run"))
+    nodes = {n.name: n for n in recipe.nodes}
+    assert nodes["logits-train"].config["seed"] == 5
+    twin = nodes["distill-a-ce"].config
+    assert twin["order_seed"] == 5 and twin.get("seed", 0) == 0 and "order_seed" not in nodes["distill-a"].config

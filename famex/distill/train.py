@@ -41,6 +41,9 @@ class DistillConfig:
     """Output directory: the final Hugging Face model, checkpoints/, log.jsonl, meta.json, metrics.json."""
     seed: int = 0
     """Seed of the student's initialisation and of the chunk order when no logit store fixes it."""
+    order_seed: int | None = None
+    """CE only (--logits none): seed of the chunk order instead of --seed; give a KD twin's store seed (famex logits
+    --seed) and both see the same chunks in the same order (famex run does this for objective = "ce")."""
     student: str = ""
     """A student preset (famex info --list) or a model directory to continue training."""
     data: str = ""
@@ -237,7 +240,8 @@ def distill(cfg: DistillConfig) -> Path:
                 f"vocab size mismatch: student {model.config.vocab_size}, data {chunks.vocab_size} — "
                 "students must share the teacher's tokenizer"
             )
-        task = DistillTask(chunks, store, seed=cfg.seed, kl_weight=cfg.kl_weight if store is not None else 0.0,
+        order_seed = cfg.seed if cfg.order_seed is None else cfg.order_seed
+        task = DistillTask(chunks, store, seed=order_seed, kl_weight=cfg.kl_weight if store is not None else 0.0,
                            temperature=cfg.temperature, tail=cfg.tail, val_chunks=val, val_store=val_store)
         result = train(model, task, cfg, iters=iters, lr=lr, global_batch=global_batch, d=d,
                        tokens_per_sequence=chunks.seq_len, save_model=save_model)

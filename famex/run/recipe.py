@@ -224,6 +224,11 @@ def load_recipe(path: str | Path, out: str | None = None) -> Recipe:
                 deps.append("logits-val")
         else:
             config["logits"] = "none"
+            # The twin visits the chunks in the KD students' order, the train store's (famex logits --seed);
+            # set only where that differs from its own seed, so that runs made before order_seed stay complete.
+            store_seed = store_nodes["train"].config.get("seed", 0) if "train" in store_nodes else None
+            if store_seed is not None and "order_seed" not in config and store_seed != config.get("seed", 0):
+                config["order_seed"] = store_seed
         student_nodes[sname] = add(Node(f"distill-{sname}", "distill", config, deps, {"student": sname, "objective": objective}))
 
     # -- post-training: chat data (+ the instruct teacher's logits over it), SFT, then DPO
