@@ -88,6 +88,18 @@ def same_content(recorded: str | None, path: str | os.PathLike, current: str | N
     return bool(recorded) and meta.is_file() and recorded == "meta:" + sha256_file(meta)
 
 
+def _same_path(a: Any, b: Any) -> bool:
+    """Whether two config values are one existing file or directory spelled two ways (relative / absolute,
+    through a link): ``runs/demo/teacher`` from the repository is ``/repo/runs/demo/teacher``. A path that
+    does not exist from here (a relative one recorded elsewhere) is no match."""
+    if not (isinstance(a, str) and isinstance(b, str) and a and b):
+        return False
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
 def _file_hash(path: Path) -> str:
     size = path.stat().st_size
     if size <= _SMALL_FILE:
@@ -174,7 +186,7 @@ class Stage:
         new_cfg, new_in = self._identity(self.config, self.inputs)
         added = {k for k in set(new_cfg) - set(old_cfg) if k in self.defaults and new_cfg[k] == self.defaults[k]}
         diffs = [f"{k}: {old_cfg.get(k)!r} -> {new_cfg.get(k)!r}" for k in sorted(set(old_cfg) | set(new_cfg))
-                 if old_cfg.get(k) != new_cfg.get(k) and k not in added]
+                 if old_cfg.get(k) != new_cfg.get(k) and k not in added and not _same_path(old_cfg.get(k), new_cfg.get(k))]
         old_inputs = meta.get("inputs", {})
         diffs += [f"input {k} changed" for k in sorted(set(old_in) | set(new_in))
                   if old_in.get(k) != new_in.get(k) and not self._same_input(k, old_inputs.get(k))]

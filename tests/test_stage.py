@@ -46,3 +46,21 @@ def test_inputs_recorded_as_the_whole_meta_file_still_match(tmp_path):
     (data / "meta.json").write_text(json.dumps(with_digest(meta_d)))  # as a rerun would write it
     with pytest.raises(FamexError, match="input data changed"):
         Stage(out, "logits", {"top_k": 8}, {"data": data}).begin()
+
+
+def test_a_path_spelled_another_way_is_the_same_argument(tmp_path, monkeypatch):
+    """A run planned with relative paths is the same run when planned again with absolute ones (or through a
+    link); another directory, or a relative path that does not exist from here, is still a difference."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "teacher").mkdir()
+    (tmp_path / "other").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "teacher")
+    out = finished(tmp_path / "data", {"tokenizer": "teacher"}, "2026-01-01T00:00:00+0000")
+    for same in (str(tmp_path / "teacher"), str(tmp_path / "link"), "./teacher"):
+        assert Stage(out, "data", {"tokenizer": same}).begin() is True
+    for other in (str(tmp_path / "other"), "gone"):
+        with pytest.raises(FamexError, match="tokenizer: 'teacher' -> "):
+            Stage(out, "data", {"tokenizer": other}).begin()
+    monkeypatch.chdir(tmp_path / "other")  # the recorded relative path no longer names the directory from here
+    with pytest.raises(FamexError, match="tokenizer"):
+        Stage(out, "data", {"tokenizer": str(tmp_path / "teacher")}).begin()
