@@ -37,10 +37,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from famex.config import config_from_dict
 from famex.errors import FamexError
 from famex.eval.stats import NOISE_SE, paired_se
-from famex.run.recipe import Node, _module, load_recipe
+from famex.run.recipe import Node, load_recipe, run_node
 from famex.utils import log, read_json
 
 #: The stages a seed changes (every one has a ``seed`` field), and the evaluations of their models.
@@ -95,12 +94,8 @@ def replay_plan(nodes: list[Node], run: Path, work: Path, seed: int) -> list[Nod
 
 def execute(nodes: list[Node], where: str) -> None:
     for node in nodes:
-        module = _module(node.stage)
-        cfg = config_from_dict(module.CONFIG, node.config, f"{where} ({node.name})")
-        if hasattr(cfg, "validate"):
-            cfg.validate()
         t0 = time.perf_counter()
-        module.run(cfg)
+        run_node(node, where)
         log(f"seed-spread: {where} {node.name} ready ({time.perf_counter() - t0:.0f} s)")
 
 

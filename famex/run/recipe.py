@@ -595,6 +595,15 @@ def print_plan(recipe: Recipe, nodes: list[Node]) -> None:
         print(f"  {n.name:<36} famex {n.stage:<9} deps: {deps or '-':<30} ({state})")
 
 
+def run_node(node: Node, where: str) -> None:
+    """Run one stage of the plan (its config checked first; errors name ``where`` and the stage)."""
+    module = _module(node.stage)
+    cfg = config_from_dict(module.CONFIG, node.config, f"{where} ({node.name})")
+    if hasattr(cfg, "validate"):
+        cfg.validate()
+    module.run(cfg)
+
+
 def execute(recipe: Recipe, nodes: list[Node]) -> None:
     total = len(nodes)
     t_run = time.perf_counter()
@@ -602,13 +611,9 @@ def execute(recipe: Recipe, nodes: list[Node]) -> None:
         if not node.available():
             log(f"[{i}/{total}] {node.name}: skipped — the {node.stage} stage is not built in this famex")
             continue
-        module = _module(node.stage)
-        cfg = config_from_dict(module.CONFIG, node.config, f"{recipe.path} ({node.name})")
-        if hasattr(cfg, "validate"):
-            cfg.validate()
         log(f"[{i}/{total}] {node.name}: famex {node.stage}")
         t0 = time.perf_counter()
-        module.run(cfg)
+        run_node(node, str(recipe.path))
         log(f"[{i}/{total}] {node.name}: done in {time.perf_counter() - t0:.0f} s")
     log(f"famex run: {recipe.name} finished in {(time.perf_counter() - t_run) / 60:.1f} min; outputs in {recipe.out}")
     report = recipe.out / "report" / "report.md"
